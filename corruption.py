@@ -1,0 +1,102 @@
+"""The UMD corruption and loss: where masked auto-encoding and diffusion become one objective.
+
+Every batch is split, deterministically, into two groups that share one network:
+
+  * the last n0 = int(B * r_t0) images take the NOISE-FREE, HIGH-MASK step (MAE):
+    time input 0, no noise, mask_ratio_t0 (75%) of the patches dropped; the loss is the
+    pixel MSE of the x0 prediction on the masked patches.
+  * the other B - n0 images take the MIXED step (masked DiT): t ~ U{0..T-1}, the whole
+    image noised to x_t, then mask_ratio (37.5%) of its patches dropped, time input t + 1;
+    the loss is the eps MSE on the visible patches plus the x0 MSE on the masked ones.
+
+  L = r_t0 * L0 + (1 - r_t0) * Lt.   MAE, DiT and MaskDiT are special settings (train.py).
+
+Randomness (t, noise, masks, label dropout) is drawn here, outside the network, from one
+torch.Generator, so a seed fixes it and a compiled network sees only tensors of fixed shape.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from model import unwrap
+
+
+def cosine_alphas_cumprod(T=1000, max_beta=0.999):
+    """abar[t] for t = 0..T-1 of the cosine schedule (Nichol & Dhariwal 2021), float64."""
+    f = lambda s: math.cos((s / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = torch.tensor([min(1 - f(t + 1) / f(t), max_beta) for t in range(T)], dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def q_sample(x0, t, noise, alphas_cumprod):
+    """x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) eps, per image; t: LongTensor[B] in [0, T-1]."""
+    abar = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+    return abar.sqrt().to(x0.dtype) * x0 + (1 - abar).sqrt().to(x0.dtype) * noise
+
+
+def random_masking(batch_size, num_patches, mask_ratio, device=None, generator=None):
+    """MAE masking by a random permutation per image; every row keeps exactly n_keep patches,
+    so shapes are static. Returns ids_keep [B, n_keep], mask [B, L] (1 = dropped), ids_restore."""
+    n_keep = int(num_patches * (1 - mask_ratio))
+    ids_shuffle = torch.rand(batch_size, num_patches, device=device, generator=generator).argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)  # position of each patch in the shuffled order
+    mask = (ids_restore >= n_keep).float()
+    return ids_shuffle[:, :n_keep], mask, ids_restore
+
+
+def patch_mse(pred, target, patch_size):
+    """Mean squared error of each patch: [B, C, H, W] x 2 -> [B, L] (row-major patch order)."""
+    se = (pred.float() - target.float()).pow(2).mean(dim=1, keepdim=True)
+    return F.avg_pool2d(se, patch_size).flatten(1)
+
+
+def masked_mean(per_patch, weight):
+    """Mean over the patches where weight = 1 (all patches have the same pixel count)."""
+    return (per_patch * weight).sum() / weight.sum()
+
+
+def umd_loss(model, x0, *, r_t0, mask_ratio, mask_ratio_t0, alphas_cumprod,
+             y=None, label_dropout=0.0, generator=None):
+    """One UMD step on images x0 in [-1, 1]. Returns (loss, stats); stats holds loss_t0 / loss_t
+    for the groups present, as detached 0-dim tensors (float() them only when logging: a
+    conversion every step would make the GPU wait for the host)."""
+    net = unwrap(model)
+    B, C = x0.shape[:2]
+    L, p, dev = net.num_patches, net.patch_size, x0.device
+    n0 = int(B * r_t0)  # the last n0 images: noise-free step; the first B - n0: mixed step
+    loss, stats = x0.new_zeros((), dtype=torch.float32), {}
+
+    # 1. Noise-free, high-mask step (MAE): time input 0, predict the pixels of the masked patches.
+    if n0 > 0:
+        xc = x0[B - n0:]
+        ids_keep, mask, ids_restore = random_masking(n0, L, mask_ratio_t0, dev, generator)
+        out = model(xc, torch.zeros(n0, dtype=torch.long, device=dev), None, ids_keep, ids_restore)
+        loss_t0 = masked_mean(patch_mse(out[:, :C], xc, p), mask)
+        loss = loss + (n0 / B) * loss_t0
+        stats["loss_t0"] = loss_t0.detach()
+
+    # 2. Mixed step (masked DiT): noise the whole image, then drop patches; the network predicts
+    #    the noise where it can see x_t and the clean image where it cannot.
+    if n0 < B:
+        xn, n = x0[:B - n0], B - n0
+        t = torch.randint(0, len(alphas_cumprod), (n,), device=dev, generator=generator)
+        eps = torch.randn(xn.shape, device=dev, generator=generator)
+        x_t = q_sample(xn, t, eps, alphas_cumprod)
+        yn = None
+        if y is not None:  # classifier-free guidance: drop labels to the null class
+            drop = torch.rand(n, device=dev, generator=generator) < label_dropout
+            yn = torch.where(drop, net.num_classes, y[:n])
+        if mask_ratio > 0:
+            ids_keep, mask, ids_restore = random_masking(n, L, mask_ratio, dev, generator)
+        else:
+            ids_keep = ids_restore = None
+            mask = torch.zeros(n, L, device=dev)
+        out = model(x_t, t + 1, yn, ids_keep, ids_restore)  # time input t + 1: 0 means clean
+        x0_hat, eps_hat = out[:, :C], out[:, C:]
+        eps_term = masked_mean(patch_mse(eps_hat, eps, p), 1 - mask)
+        x0_term = masked_mean(patch_mse(x0_hat, xn, p), mask) if mask_ratio > 0 else patch_mse(x0_hat, xn, p).mean()
+        loss_t = 0.5 * (eps_term + x0_term)
+        loss = loss + (n / B) * loss_t
+        stats["loss_t"] = loss_t.detach()
+    return loss, stats

@@ -1,0 +1,261 @@
+"""Probe a checkpoint's representation on CIFAR-10: linear (MAE protocol), few-shot ridge
+(the official in-training probe), weighted kNN; or the same probes on raw pixels.
+
+    python probe.py runs/umd-small-p2/ckpt.pt               # linear probe, the number people quote
+    python probe.py runs/umd-small-p2/ckpt.pt --mode all    # linear + few-shot + kNN, one extraction
+    python probe.py --pixels --mode all                     # the floor every representation must beat
+"""
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from corruption import cosine_alphas_cumprod, q_sample
+from data import DataError, derive_seed, load_dataset, to_float
+from model import CheckpointError, load_checkpoint, unwrap
+
+NOISE_BLOCK = 1000  # feature noise is drawn per fixed block of images: independent of batch size
+
+
+# ---------------------------------------------------------------------------- features
+@torch.no_grad()
+def extract_features(model, images, t=None, batch_size=500, seed=0, desc=None):
+    """Features [N, d] (float32, CPU) of uint8 images: eval mode, no masking, mean of the class
+    tokens. t=None reads the clean image at time input 0; t=N reads x_t at time input N + 1."""
+    net = unwrap(model)
+    was_training, dev = net.training, next(net.parameters()).device
+    net.eval()
+    abar = cosine_alphas_cumprod().to(dev)
+    out = []
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
+        x = to_float(images[s:s + batch_size].to(dev))
+        time_in = torch.zeros(len(x), dtype=torch.long, device=dev)
+        if t is not None:
+            ts = torch.full_like(time_in, t)
+            x, time_in = q_sample(x, ts, _block_noise(s, s + len(x), x.shape[1:], seed).to(dev), abar), ts + 1
+        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            out.append(net.features(x, time_in).float().cpu())
+    net.train(was_training)
+    return torch.cat(out)
+
+
+def _block_noise(start, end, shape, seed):
+    first, last = start // NOISE_BLOCK, (end - 1) // NOISE_BLOCK
+    noise = torch.cat([torch.randn(NOISE_BLOCK, *shape, generator=torch.Generator().manual_seed(derive_seed(seed, 2, b)))
+                       for b in range(first, last + 1)])
+    return noise[start - first * NOISE_BLOCK:end - first * NOISE_BLOCK]
+
+
+def pixel_features(images):
+    return images.flatten(1).float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------- few-shot ridge
+def fewshot_indices(labels, shots, seed=0):
+    """`shots` training images per class, chosen by `seed`."""
+    g, idx = torch.Generator().manual_seed(derive_seed(seed, 3)), []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        if len(members) < shots:
+            raise DataError(f"--shots {shots} is larger than class {c}, which has {len(members)} training images")
+        idx.append(members[torch.randperm(len(members), generator=g)[:shots]])
+    return torch.cat(idx)
+
+
+def ridge_accuracy(train_f, train_y, test_f, test_y, num_classes, l2=1024.0):
+    """Closed-form ridge regression as in the official probe (big_vision fewshot_lsr):
+    standardised features, a constant bias feature of 100 (almost unregularised), one-hot
+    targets in {-1, +1}, l2 = 1024; accuracy of the arg-max. Solved in float64."""
+    x, xt = train_f.double(), test_f.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False) + 1e-5
+    bias = lambda z: F.pad((z - mean) / std, (0, 1), value=100.0)
+    x, xt = bias(x), bias(xt)
+    y = 2.0 * F.one_hot(train_y, num_classes).double() - 1.0
+    if len(x) >= x.shape[1]:  # (X^T X + l2 I)^-1 X^T Y, or the dual form when there are fewer rows
+        w = torch.linalg.solve(x.T @ x + l2 * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)
+    else:
+        w = x.T @ torch.linalg.solve(x @ x.T + l2 * torch.eye(len(x), dtype=x.dtype), y)
+    return ((xt @ w).argmax(1) == test_y).double().mean().item()
+
+
+def fewshot_probe(train_f, train_y, test_f, test_y, num_classes, shots, seeds):
+    accs = []
+    for s in range(seeds):
+        i = fewshot_indices(train_y, shots, s)
+        accs.append(ridge_accuracy(train_f[i], train_y[i], test_f, test_y, num_classes))
+    return float(np.mean(accs)), float(np.std(accs)), accs
+
+
+class QuickProbe:
+    """The in-training probe of train.py: ridge on fixed subsets (100 training images per class,
+    the first 2000 test images), seconds not minutes. Also gives the raw-pixel number."""
+
+    def __init__(self, ds, shots=100, n_test=2000):
+        self.idx = fewshot_indices(ds.train_y, shots, 0)
+        self.train_x, self.train_y = ds.train_x[self.idx], ds.train_y[self.idx]
+        self.test_x, self.test_y = ds.test_x[:n_test], ds.test_y[:n_test]
+        self.num_classes = ds.num_classes
+
+    def __call__(self, model=None, t=None):
+        feat = pixel_features if model is None else lambda x: extract_features(model, x, t)
+        return ridge_accuracy(feat(self.train_x), self.train_y, feat(self.test_x), self.test_y, self.num_classes)
+
+
+# ---------------------------------------------------------------------------- linear (MAE protocol)
+def train_linear(train_f, train_y, num_classes, lr, weight_decay, epochs=20, batch_size=256, seed=0):
+    """BatchNorm without affine, then a linear layer, on frozen features (MAE's linear probe):
+    SGD with momentum 0.9, cosine learning rate, batch 256."""
+    g = torch.Generator().manual_seed(derive_seed(seed, 4))
+    head = nn.Sequential(nn.BatchNorm1d(train_f.shape[1], affine=False), nn.Linear(train_f.shape[1], num_classes))
+    with torch.no_grad():
+        head[1].weight.normal_(std=0.01, generator=g)
+        head[1].bias.zero_()
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    batch_size = min(batch_size, len(train_f))
+    steps = epochs * (len(train_f) // batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for _ in range(epochs):
+        perm = torch.randperm(len(train_f), generator=g)
+        for i in range(len(train_f) // batch_size):  # the last partial batch is dropped (BatchNorm)
+            b = perm[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(head(train_f[b]), train_y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def accuracy(head, f, y):
+    return (head(f).argmax(1) == y).float().mean().item()
+
+
+LINEAR_GRID = [(lr, wd) for lr in (0.1, 0.01, 0.001) for wd in (0.0, 1e-4, 1e-3)]
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, grid=LINEAR_GRID, epochs=20, val_fraction=0.1, log=print):
+    """Choose learning rate and weight decay on the last val_fraction of the training set (the
+    last 5000 CIFAR-10 training images; test images are never seen), then train on all training
+    images with the best pair and report top-1 on the test set."""
+    n_val = int(len(train_f) * val_fraction)
+    tr_f, tr_y, va_f, va_y = train_f[:-n_val], train_y[:-n_val], train_f[-n_val:], train_y[-n_val:]
+    val = {}
+    for lr, wd in tqdm(grid, desc="linear probe (validation grid)", leave=False):
+        val[(lr, wd)] = accuracy(train_linear(tr_f, tr_y, num_classes, lr, wd, epochs), va_f, va_y)
+        log(f"  lr {lr:g}, weight decay {wd:g}: validation top-1 {100 * val[(lr, wd)]:.2f}%")
+    lr, wd = max(val, key=val.get)
+    head = train_linear(train_f, train_y, num_classes, lr, wd, epochs)
+    return accuracy(head, test_f, test_y), dict(lr=lr, weight_decay=wd, epochs=epochs, val_images=n_val,
+                                                validation={f"lr={k[0]:g},wd={k[1]:g}": v for k, v in val.items()})
+
+
+# ---------------------------------------------------------------------------- kNN
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=20, temperature=0.07, chunk=1000):
+    """Weighted k-NN on cosine similarity (InstDisc / DINO): each of the k nearest training
+    images votes for its class with weight exp(similarity / temperature)."""
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    correct = 0
+    for s in range(0, len(test_f), chunk):
+        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(k, dim=1)
+        votes = torch.zeros(len(idx), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == test_y[s:s + chunk]).sum().item()
+    return correct / len(test_f)
+
+
+# ---------------------------------------------------------------------------- command line
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", nargs="?", help="checkpoint to probe (runs/<name>/ckpt.pt)")
+    p.add_argument("--pixels", action="store_true", help="probe standardised raw pixels instead of a checkpoint")
+    p.add_argument("--mode", choices=["linear", "fewshot", "knn", "all"], default="linear", help="which probe (default linear)")
+    p.add_argument("--dataset", choices=["cifar10", "folder"], default="cifar10")
+    p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (downloaded if missing)")
+    p.add_argument("--shots", type=int, default=100, help="few-shot: training images per class (default 100)")
+    p.add_argument("--seeds", type=int, default=5, help="few-shot: number of random draws of the shots (default 5)")
+    p.add_argument("--k", type=int, default=20, help="kNN: neighbours (default 20)")
+    p.add_argument("--t", type=int, default=None, help="read features of x_t at this diffusion step (time input t + 1); "
+                   "the official read-out for dit/maskdit is --t 50")
+    p.add_argument("--raw", action="store_true", help="probe the raw weights even when the checkpoint has an EMA")
+    p.add_argument("--batch-size", type=int, default=500, help="feature-extraction batch size")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--json", help="also write every number and setting to this JSON file")
+    args = p.parse_args()
+    try:
+        run(args)
+    except (DataError, CheckpointError) as e:
+        print(f"probe.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def fail(msg):
+    print(f"probe.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(args):
+    if args.pixels == bool(args.ckpt):
+        fail("give a checkpoint or --pixels (not both)")
+    if args.pixels and (args.t is not None or args.raw):
+        fail("--t and --raw apply to checkpoints, not to --pixels")
+    if args.t is not None and not 0 <= args.t < 1000:
+        fail(f"--t {args.t} is outside the diffusion steps 0..999")
+    if args.shots < 1 or args.seeds < 1 or args.k < 1:
+        fail("--shots, --seeds and --k must be positive")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is available; use --device cpu")
+    ds = load_dataset(args.dataset, args.data_dir)
+    if args.mode in ("fewshot", "all"):
+        fewshot_indices(ds.train_y, args.shots)  # a too-large --shots fails now, not after extraction
+    start = time.time()
+    if args.pixels:
+        what = "raw pixels (standardised)"
+        train_f, test_f = pixel_features(ds.train_x), pixel_features(ds.test_x)
+        mean, std = train_f.mean(0), train_f.std(0) + 1e-5
+        train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
+    else:
+        model, ckpt = load_checkpoint(args.ckpt, device, ema=not args.raw)
+        if model.config["img_size"] != ds.train_x.shape[-1]:
+            fail(f"{args.ckpt} was trained on {model.config['img_size']}px images, the data are {ds.train_x.shape[-1]}px")
+        weights = "EMA" if ckpt.get("ema") is not None and not args.raw else "raw"
+        what = f"{weights} weights of {args.ckpt} ({ckpt['config'].get('train', {}).get('method', '?')}, step {ckpt.get('step')}" \
+               f", t={'clean' if args.t is None else args.t})"
+        train_f = extract_features(model, ds.train_x, args.t, args.batch_size, desc="features (train)")
+        test_f = extract_features(model, ds.test_x, args.t, args.batch_size, desc="features (test)")
+    split = f"{args.dataset.replace('cifar10', 'CIFAR-10')} test, {len(test_f)} images"
+    results = dict(settings={k: v for k, v in vars(args).items()}, what=what, feature_dim=train_f.shape[1])
+    lines = []
+    if args.mode in ("linear", "all"):
+        acc, chosen = linear_probe(train_f, ds.train_y, test_f, ds.test_y, ds.num_classes,
+                                   log=lambda s: tqdm.write(s, file=sys.stderr))
+        results["linear"] = dict(top1=acc, **chosen)
+        lines.append(f"linear probe top-1: {100 * acc:.2f}% ({split}; lr {chosen['lr']:g}, weight decay "
+                     f"{chosen['weight_decay']:g} chosen on the last {chosen['val_images']} training images)")
+    if args.mode in ("fewshot", "all"):
+        mean, sd, accs = fewshot_probe(train_f, ds.train_y, test_f, ds.test_y, ds.num_classes, args.shots, args.seeds)
+        results["fewshot"] = dict(shots=args.shots, mean=mean, std=sd, per_seed=accs, l2=1024.0)
+        lines.append(f"{args.shots}-shot ridge probe top-1: {100 * mean:.2f}% +- {100 * sd:.2f} ({split}; {args.seeds} seeds)")
+    if args.mode in ("knn", "all"):
+        acc = knn_accuracy(train_f, ds.train_y, test_f, ds.test_y, ds.num_classes, k=args.k)
+        results["knn"] = dict(top1=acc, k=args.k, temperature=0.07)
+        lines.append(f"{args.k}-NN probe top-1: {100 * acc:.2f}% ({split}; cosine, temperature 0.07)")
+    results["seconds"] = time.time() - start
+    print(f"# {what}")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Look at what a checkpoint learned: DDIM samples (with classifier-free guidance after a label
+fine-tune) and masked-reconstruction pictures.
+
+    python sample.py                                          # newest runs/*/ckpt.pt, 64 samples
+    python sample.py --ckpt runs/umd-small-p2-ft/ckpt.pt --cfg-scale 2   # one row per class
+    python sample.py --reconstruct                            # masked / noised inputs and predictions
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from corruption import cosine_alphas_cumprod, q_sample, random_masking
+from data import DataError, load_dataset, to_float
+from model import CheckpointError, load_checkpoint, unpatchify
+
+
+# ---------------------------------------------------------------------------- DDIM
+def ddim_timesteps(steps, T=1000):
+    """999, 999 - T//S, ... (S of them), then 0: the official strided sequence."""
+    return list(range(T - 1, 0, -(T // steps)))[:steps] + [0]
+
+
+def ddim_step(x, eps, abar, abar_next, eta=1.0, noise=None):
+    """One DDIM update from x_t (abar) to x_t_next (abar_next) given predicted eps. x0 is clipped
+    to [-1, 1] and eps recomputed from it (as the official sampler). Returns (x_next, x0_hat)."""
+    x0 = ((x - (1 - abar) ** 0.5 * eps) / abar ** 0.5).clamp(-1, 1)
+    eps = (x - abar ** 0.5 * x0) / (1 - abar) ** 0.5
+    sigma = eta * ((1 - abar_next) / (1 - abar)) ** 0.5 * (1 - abar / abar_next) ** 0.5
+    x_next = abar_next ** 0.5 * x0 + (1 - abar_next - sigma ** 2) ** 0.5 * eps
+    return (x_next if noise is None else x_next + sigma * noise), x0
+
+
+def guided(model, x, t, y=None, cfg_scale=None):
+    """Model output at diffusion step t (time input t + 1). With cfg_scale s, the conditional and
+    unconditional halves run as one batch: out = uncond + s * (cond - uncond)."""
+    time_in = torch.full((len(x),), t + 1, dtype=torch.long, device=x.device)
+    if cfg_scale is None or y is None:
+        return model(x, time_in, y)
+    null = torch.full_like(y, model.num_classes)
+    cond, uncond = model(torch.cat([x, x]), torch.cat([time_in, time_in]), torch.cat([y, null])).chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def ddim_sample(model, shape, steps=125, y=None, cfg_scale=None, eta=1.0, generator=None, progress=False):
+    """Samples in [-1, 1]: DDIM with eta (1.0 by default) over `steps` strided steps, eps head,
+    then the x0 prediction of a final call at t = 0 (method.md section 3)."""
+    dev = next(model.parameters()).device if isinstance(model, torch.nn.Module) else None
+    abar = cosine_alphas_cumprod().tolist()
+    C = shape[1]
+    x = torch.randn(shape, device=dev, generator=generator)
+    ts = ddim_timesteps(steps)
+    for t, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=not progress, leave=False):
+        eps = guided(model, x, t, y, cfg_scale)[:, C:].float()
+        x, _ = ddim_step(x, eps, abar[t], abar[t_next], eta, torch.randn(shape, device=dev, generator=generator))
+    eps = guided(model, x, 0, y, cfg_scale)[:, C:].float()
+    return ddim_step(x, eps, abar[0], 1.0, eta)[1]
+
+
+# ---------------------------------------------------------------------------- pictures
+def to_uint8(x):
+    """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, ncol, pad=2):
+    """images in [-1, 1] [N, C, H, W] -> one PNG, ncol images per row, pad pixels of white."""
+    imgs = to_uint8(images)
+    n, h, w, c = imgs.shape
+    rows = -(-n // ncol)
+    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i, im in enumerate(imgs):
+        r, k = divmod(i, ncol)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = im
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+    return grid.shape
+
+
+@torch.no_grad()
+def reconstruction_rows(model, x0, ts=(100, 300, 500, 800), seed=0):
+    """Per image: original | masked input (75%, t = 0) | reconstruction, then for each t:
+    noised + masked input (37.5%) | x0 prediction. Predictions keep the visible pixels of the
+    input on the noise-free step; on noisy steps visible patches come from the eps head
+    (x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)) and masked ones from the x0 head, the heads
+    each region was trained with."""
+    g = torch.Generator(x0.device).manual_seed(seed)
+    B, C, p, L = x0.shape[0], x0.shape[1], model.patch_size, model.num_patches
+    pix = lambda m: unpatchify(m[:, :, None].expand(-1, -1, p * p * C), p, C)  # [B, L] -> pixel mask
+    ids_keep, mask, ids_restore = random_masking(B, L, 0.75, x0.device, g)
+    out = model(x0, torch.zeros(B, dtype=torch.long, device=x0.device), None, ids_keep, ids_restore)[:, :C]
+    m = pix(mask)
+    cols = [x0, x0 * (1 - m), x0 * (1 - m) + out * m]
+    abar = cosine_alphas_cumprod().to(x0.device)
+    for t in ts:
+        tt = torch.full((B,), t, device=x0.device)
+        x_t = q_sample(x0, tt, torch.randn(x0.shape, device=x0.device, generator=g), abar)
+        ids_keep, mask, ids_restore = random_masking(B, L, 0.375, x0.device, g)
+        out = model(x_t, tt + 1, None, ids_keep, ids_restore)
+        a = abar[t].float()
+        from_eps = (x_t - (1 - a).sqrt() * out[:, C:]) / a.sqrt()
+        m = pix(mask)
+        cols += [x_t * (1 - m), (from_eps * (1 - m) + out[:, :C] * m).clamp(-1, 1)]
+    return torch.stack(cols, 1).flatten(0, 1), len(cols)  # row-major: one row per image
+
+
+# ---------------------------------------------------------------------------- command line
+def fail(msg):
+    print(f"sample.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def newest_checkpoint():
+    ckpts = sorted(Path("runs").glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
+    if not ckpts:
+        fail("no runs/*/ckpt.pt found; train one with train.py or pass --ckpt")
+    return ckpts[-1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/ckpt.pt)")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default 64; per class: n // classes)")
+    p.add_argument("--steps", type=int, default=125, help="DDIM steps, 1..1000 (default 125)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1.0, as the official sampler)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (conditional checkpoints)")
+    p.add_argument("--class-label", type=int, help="sample only this class (conditional checkpoints)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
+    p.add_argument("--out", help="PNG to write (default: samples.png / reconstruction.png in the run folder)")
+    p.add_argument("--npz", help="also save the raw uint8 samples [N, H, W, C] and labels here (for FID tools)")
+    p.add_argument("--reconstruct", action="store_true", help="masked-reconstruction picture of test images instead")
+    p.add_argument("--data-dir", default="./data", help="--reconstruct: the dataset folder (default ./data)")
+    p.add_argument("--raw", action="store_true", help="use the raw weights even when the checkpoint has an EMA")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is available; use --device cpu")
+    ckpt_path = Path(args.ckpt) if args.ckpt else newest_checkpoint()
+    try:
+        model, ckpt = load_checkpoint(ckpt_path, device, ema=not args.raw)
+    except CheckpointError as e:
+        fail(str(e))
+    k = model.num_classes
+    if not 1 <= args.steps <= 1000:
+        fail(f"--steps {args.steps}: use 1..1000 DDIM steps")
+    if args.n < 1:
+        fail("--n must be positive")
+    if k is None and (args.cfg_scale is not None or args.class_label is not None):
+        fail(f"{ckpt_path} is unconditional: --cfg-scale and --class-label need a checkpoint fine-tuned with "
+             "labels (train.py --finetune)")
+    if args.class_label is not None and not 0 <= args.class_label < k:
+        fail(f"--class-label {args.class_label} is out of range: the checkpoint has classes 0..{k - 1}")
+    weights = "EMA" if ckpt.get("ema") is not None and not args.raw else "raw"
+    print(f"checkpoint {ckpt_path} ({weights} weights, step {ckpt.get('step')}, "
+          f"{'conditional' if k else 'unconditional'})", file=sys.stderr)
+    out = Path(args.out) if args.out else ckpt_path.parent / ("reconstruction.png" if args.reconstruct else "samples.png")
+    start = time.time()
+
+    if args.reconstruct:
+        train_cfg = ckpt["config"].get("train", {})
+        try:
+            ds = load_dataset(train_cfg.get("dataset", "cifar10"), args.data_dir, model.config["img_size"])
+        except DataError as e:
+            fail(str(e))
+        x0 = to_float(ds.test_x[:min(args.n, 8)].to(device))
+        grid, ncol = reconstruction_rows(model, x0, seed=args.seed)
+        size = save_grid(grid, out, ncol)
+        print(f"wrote {out} ({size[1]}x{size[0]} px): rows of original | masked 75% | reconstruction | "
+              f"(noised + masked 37.5%, x0 prediction) at t = 100, 300, 500, 800")
+        return
+
+    C, S = model.channels, model.config["img_size"]
+    if k is None:
+        labels, ncol = None, max(1, int(args.n ** 0.5))
+    elif args.class_label is not None:
+        labels, ncol = torch.full((args.n,), args.class_label), max(1, int(args.n ** 0.5))
+    else:  # one row per class
+        per = max(1, args.n // k)
+        labels, ncol = torch.arange(k).repeat_interleave(per), per
+    n = args.n if labels is None else len(labels)
+    g = torch.Generator(device).manual_seed(args.seed)
+    chunks = []
+    for s in tqdm(range(0, n, args.batch_size), desc="batches", disable=n <= args.batch_size):
+        y = None if labels is None else labels[s:s + args.batch_size].to(device)
+        b = min(args.batch_size, n - s)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            chunks.append(ddim_sample(model, (b, C, S, S), args.steps, y, args.cfg_scale, args.eta, g, progress=True).cpu())
+    samples = torch.cat(chunks)
+    size = save_grid(samples, out, ncol)
+    if args.npz:
+        np.savez(args.npz, samples=to_uint8(samples), labels=np.array([] if labels is None else labels.numpy()))
+    guidance = f", cfg scale {args.cfg_scale:g}" if args.cfg_scale is not None else ""
+    print(f"wrote {out} ({size[1]}x{size[0]} px): {n} samples, {args.steps} DDIM steps{guidance}, "
+          f"{time.time() - start:.1f}s" + (f"; raw samples in {args.npz}" if args.npz else ""))
+
+
+if __name__ == "__main__":
+    main()

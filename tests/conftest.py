@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny CIFAR-10 in the official python format, written by the tests
+(never downloaded), and a helper that runs the scripts as a user would."""
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def write_cifar(data_dir, n_per_batch=40, seed=0):
+    """data_dir/cifar-10-batches-py with 5 training batches and a test batch of n_per_batch
+    images each, in the official layout (uint8 rows of R, G, B planes; byte-string keys).
+    Images are class-coloured noise, so a representation can tell the classes apart."""
+    rng = np.random.default_rng(seed)
+    root = Path(data_dir) / "cifar-10-batches-py"
+    root.mkdir(parents=True, exist_ok=True)
+    palette = rng.integers(0, 256, size=(10, 3))
+    out = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, size=n_per_batch)
+        img = palette[labels][:, :, None, None] * 0.6 + rng.integers(0, 100, size=(n_per_batch, 3, 32, 32))
+        data = img.clip(0, 255).astype(np.uint8).reshape(n_per_batch, 3072)
+        with open(root / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels.tolist(), b"data": data,
+                         b"filenames": [b"x.png"] * n_per_batch}, f)
+        out[name] = (data, labels)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"c%d" % i for i in range(10)], b"num_vis": 3072}, f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cifar")
+    write_cifar(d)
+    return d
+
+
+def run_script(*args, timeout=300):
+    """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(cifar_dir, tmp_path_factory):
+    """A finished pre-training run of a tiny UMD model (shared by probe and sample tests)."""
+    out = tmp_path_factory.mktemp("runs") / "umd-tiny"
+    r = run_script("train.py", "--data-dir", cifar_dir, "--model", "tiny", "--patch-size", "8", "--batch-size", "32",
+                   "--epochs", "2", "--max-steps", "8", "--log-every", "4", "--probe-every", "0", "--device", "cpu",
+                   "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out

@@ -1,0 +1,148 @@
+"""train.py end to end: files, exact resume, Ctrl-C, errors, DDP under torchrun, recipes."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, run_script
+from model import load_checkpoint
+
+TINY = ["--model", "tiny", "--patch-size", "8", "--batch-size", "32", "--epochs", "2", "--probe-every", "0",
+        "--device", "cpu", "--log-every", "1"]
+
+
+def run_main(argv, capsys=None):
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    return e.value.code
+
+
+def log(out):
+    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_cli_smoke_writes_run_files(tiny_run):
+    ckpt = torch.load(tiny_run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 8 and abs(ckpt["epoch"] - 8 / 6) < 1e-9  # 200 images / batch 32 = 6 steps per epoch
+    assert set(ckpt) >= {"model", "ema", "optimizer", "step", "epoch", "config"}
+    assert (tiny_run / "reconstruction.png").exists()
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["method"] == "umd" and config["r_t0"] == 0.5 and config["mask_ratio"] == 0.375
+    assert config["lr"] == 1.5e-4 and config["beta2"] == 0.95 and config["weight_decay"] == 0.05
+    records = log(tiny_run)
+    assert [r["step"] for r in records] == [4, 8]
+    for r in records:
+        assert {"step", "epoch", "loss", "loss_t0", "loss_t", "lr", "img_per_s"} <= set(r)
+        assert math.isclose(r["loss"], 0.5 * r["loss_t0"] + 0.5 * r["loss_t"], rel_tol=1e-5)
+    model, _ = load_checkpoint(tiny_run / "ckpt.pt")
+    assert model.config["size"] == "tiny" and model.num_classes is None
+
+
+def test_resume_is_exact(cifar_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 7, "--out", a]) == 0
+    assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 3, "--out", b]) == 0
+    assert run_main(["--data-dir", cifar_dir, "--resume", "--out", b, "--max-steps", 7]) == 0
+    la, lb = log(a), log(b)
+    assert [r["step"] for r in lb] == list(range(1, 8))
+    for ra, rb in zip(la, lb):  # identical losses after the resume, across an epoch boundary (6 steps)
+        assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"], (ra, rb)
+    ca, cb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]) and torch.equal(ca["ema"][k], cb["ema"][k])
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--data-dir", str(cifar_dir), *TINY, "--epochs", "1000", "--out", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 3):
+        assert time.time() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr
+    assert "interrupted at step" in stdout and "--resume" in stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] >= 3 and ckpt["step"] == log(out)[-1]["step"]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = train.umd_loss
+
+    def poisoned(*a, **k):
+        loss, stats = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan"), stats) if calls["n"] == 5 else (loss, stats)
+
+    monkeypatch.setattr(train, "umd_loss", poisoned)
+    out = tmp_path / "nan"
+    code = run_main(["--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0, "--out", out])
+    errors = [l for l in capsys.readouterr().err.splitlines() if "train.py:" in l]
+    assert code == 2 and len(errors) == 1 and "non-finite at step 5" in errors[0]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--resume", "--out", "{tmp}/none"], "no checkpoint"),
+    (["--data-dir", "{tmp}/empty", "--out", "{tmp}/x"], "download"),
+    (["--finetune", "{tmp}/missing.pt", "--out", "{tmp}/x"], "no such file"),
+    (["--r-t0", "0.5", "--mask-ratio-t0", "0", "--out", "{tmp}/x"], "mask-ratio-t0"),
+    (["--device", "cpu", "--amp", "fp16", "--out", "{tmp}/x"], "fp16"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
+    code = run_main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_unknown_method_and_existing_run(tiny_run, capsys):
+    assert run_main(["--method", "vae"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert run_main(["--out", tiny_run]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_method_presets_and_finetune_recipe(tiny_run):
+    for method, (r, m0, m) in {"umd": (0.5, 0.75, 0.375), "mae": (1.0, 0.75, 0.0), "dit": (0.0, 0.75, 0.0),
+                               "maskdit": (0.0, 0.75, 0.5)}.items():
+        a = train.resolve(train.get_args(["--method", method, "--out", "/nonexistent/x"]))
+        assert (a.r_t0, a.mask_ratio_t0, a.mask_ratio) == (r, m0, m)
+        assert a.epochs == 800 and a.batch_size == 1024 and a.warmup_epochs == 40 and a.model == "small"
+    a = train.resolve(train.get_args(["--method", "dit", "--mask-ratio", "0.25", "--out", "/nonexistent/x"]))
+    assert a.mask_ratio == 0.25  # flags beat presets
+    ft = train.resolve(train.get_args(["--finetune", str(tiny_run / "ckpt.pt")]))
+    assert (ft.method, ft.model, ft.patch_size, ft.r_t0, ft.mask_ratio) == ("umd", "tiny", 8, 0.05, 0.0)
+    assert (ft.lr, ft.beta2, ft.weight_decay, ft.epochs, ft.warmup_epochs, ft.batch_size) == (1.5e-4, 0.999, 0.0, 50, 2, 256)
+    assert ft.label_dropout == 0.1 and ft.min_area == 0.95 and ft.out.endswith("umd-tiny-p8-ft")
+
+
+def test_lr_schedule():
+    peak = 1e-3
+    assert train.lr_at(0, 100, 10, peak) == pytest.approx(1e-4)
+    assert train.lr_at(9, 100, 10, peak) == pytest.approx(peak)
+    assert train.lr_at(55, 100, 10, peak) == pytest.approx(peak / 2)
+    assert train.lr_at(100, 100, 10, peak) == pytest.approx(0, abs=1e-12)
+
+
+def test_two_process_gloo_run_under_torchrun(cifar_dir, tmp_path):
+    out = tmp_path / "ddp"
+    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                   "--data-dir", cifar_dir, *TINY, "--max-steps", 3, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert [rec["step"] for rec in log(out)] == [1, 2, 3]  # one log, written by rank 0 only
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
