@@ -57,14 +57,15 @@ def masked_mean(per_patch, weight):
 
 
 def umd_loss(model, x0, *, r_t0, mask_ratio, mask_ratio_t0, alphas_cumprod,
-             y=None, label_dropout=0.0, generator=None):
+             y=None, label_dropout=0.0, generator=None, n0=None):
     """One UMD step on images x0 in [-1, 1]. Returns (loss, stats); stats holds loss_t0 / loss_t
     for the groups present, as detached 0-dim tensors (float() them only when logging: a
-    conversion every step would make the GPU wait for the host)."""
+    conversion every step would make the GPU wait for the host). n0 overrides int(B * r_t0)
+    (train.py sets it so that a DDP rank takes its share of the global batch's noise-free images)."""
     net = unwrap(model)
     B, C = x0.shape[:2]
     L, p, dev = net.num_patches, net.patch_size, x0.device
-    n0 = int(B * r_t0)  # the last n0 images: noise-free step; the first B - n0: mixed step
+    n0 = int(B * r_t0) if n0 is None else n0  # the last n0 images: noise-free step; the rest: mixed step
     loss, stats = x0.new_zeros((), dtype=torch.float32), {}
 
     # 1. Noise-free, high-mask step (MAE): time input 0, predict the pixels of the masked patches.

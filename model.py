@@ -230,9 +230,9 @@ def load_checkpoint(path, device="cpu", ema=True):
     """(model in eval mode, checkpoint dict); the model holds the EMA weights when the
     checkpoint has them, unless ema=False."""
     ckpt = read_checkpoint(path, device)
-    model = UMDModel(**ckpt["config"]["model"]).to(device)
     try:
+        model = UMDModel(**ckpt["config"]["model"]).to(device)
         model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not match the model its config describes ({str(e).splitlines()[0]})")
     return model.eval(), ckpt

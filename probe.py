@@ -177,7 +177,9 @@ def main():
     p.add_argument("ckpt", nargs="?", help="checkpoint to probe (runs/<name>/ckpt.pt)")
     p.add_argument("--pixels", action="store_true", help="probe standardised raw pixels instead of a checkpoint")
     p.add_argument("--mode", choices=["linear", "fewshot", "knn", "all"], default="linear", help="which probe (default linear)")
-    p.add_argument("--dataset", choices=["cifar10", "folder"], default="cifar10")
+    p.add_argument("--dataset", choices=["cifar10", "folder"], default="cifar10",
+                   help="cifar10, or folder: --data-dir/<class>/<image> (every tenth image per class is the test split)")
+    p.add_argument("--img-size", type=int, default=32, help="image size for --dataset folder (default 32)")
     p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py (downloaded if missing)")
     p.add_argument("--shots", type=int, default=100, help="few-shot: training images per class (default 100)")
     p.add_argument("--seeds", type=int, default=5, help="few-shot: number of random draws of the shots (default 5)")
@@ -186,7 +188,7 @@ def main():
                    "the official read-out for dit/maskdit is --t 50")
     p.add_argument("--raw", action="store_true", help="probe the raw weights even when the checkpoint has an EMA")
     p.add_argument("--batch-size", type=int, default=500, help="feature-extraction batch size")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default auto: cuda when available")
     p.add_argument("--json", help="also write every number and setting to this JSON file")
     args = p.parse_args()
     try:
@@ -214,7 +216,7 @@ def run(args):
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA device is available; use --device cpu")
-    ds = load_dataset(args.dataset, args.data_dir)
+    ds = load_dataset(args.dataset, args.data_dir, args.img_size)
     if args.mode in ("fewshot", "all"):
         fewshot_indices(ds.train_y, args.shots)  # a too-large --shots fails now, not after extraction
     start = time.time()

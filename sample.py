@@ -22,8 +22,11 @@ from model import CheckpointError, load_checkpoint, unpatchify
 
 # ---------------------------------------------------------------------------- DDIM
 def ddim_timesteps(steps, T=1000):
-    """999, 999 - T//S, ... (S of them), then 0: the official strided sequence."""
-    return list(range(T - 1, 0, -(T // steps)))[:steps] + [0]
+    """S evenly spaced steps from T - 1 down, then 0: 999, 991, ..., 7, 0 for S = 125. Where S
+    divides T this is the official strided sequence (999 - k * T // S); elsewhere it stays evenly
+    spaced instead of jumping to 0 from far away."""
+    ts = [T - 1 - (k * T) // steps for k in range(steps)]
+    return ts if ts[-1] == 0 else ts + [0]
 
 
 def ddim_step(x, eps, abar, abar_next, eta=1.0, noise=None):
@@ -131,14 +134,14 @@ def main():
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1.0, as the official sampler)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (conditional checkpoints)")
     p.add_argument("--class-label", type=int, help="sample only this class (conditional checkpoints)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fixes the starting noise, the sampler noise and the masks")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
     p.add_argument("--out", help="PNG to write (default: samples.png / reconstruction.png in the run folder)")
     p.add_argument("--npz", help="also save the raw uint8 samples [N, H, W, C] and labels here (for FID tools)")
     p.add_argument("--reconstruct", action="store_true", help="masked-reconstruction picture of test images instead")
     p.add_argument("--data-dir", default="./data", help="--reconstruct: the dataset folder (default ./data)")
     p.add_argument("--raw", action="store_true", help="use the raw weights even when the checkpoint has an EMA")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default auto: cuda when available")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -152,8 +155,10 @@ def main():
     k = model.num_classes
     if not 1 <= args.steps <= 1000:
         fail(f"--steps {args.steps}: use 1..1000 DDIM steps")
-    if args.n < 1:
-        fail("--n must be positive")
+    if args.n < 1 or args.batch_size < 1:
+        fail("--n and --batch-size must be positive")
+    if not 0 <= args.eta <= 1:
+        fail(f"--eta {args.eta}: use 0 (deterministic DDIM) .. 1 (the default, as the official sampler)")
     if k is None and (args.cfg_scale is not None or args.class_label is not None):
         fail(f"{ckpt_path} is unconditional: --cfg-scale and --class-label need a checkpoint fine-tuned with "
              "labels (train.py --finetune)")

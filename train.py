@@ -97,8 +97,8 @@ def resolve(args):
         if not isinstance(saved, dict):
             raise CheckpointError(f"{out / 'ckpt.pt'} holds no training settings: it was not written by train.py")
         cli = vars(args)
-        return argparse.Namespace(**{**saved, **{k: cli[k] for k in RUNTIME if cli[k] is not None or k == "max_steps"},
-                                     "resume": True})
+        runtime = {k: cli[k] for k in RUNTIME if cli[k] is not None or k == "max_steps"}
+        return argparse.Namespace(**{**saved, **runtime, "out": str(out), "resume": True})
     pre = None
     if args.finetune:
         if args.model or args.patch_size:
@@ -130,7 +130,41 @@ def resolve(args):
         raise TrainError("the noise-free step (--r-t0 > 0) needs --mask-ratio-t0 > 0: it predicts masked patches")
     if args.epochs <= 0 or args.batch_size <= 0 or args.lr <= 0 or args.log_every <= 0:
         raise TrainError("--epochs, --batch-size, --lr and --log-every must be positive")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise TrainError("--max-steps must be at least 1")
+    if args.patch_size < 1 or args.img_size % args.patch_size:
+        raise TrainError(f"--patch-size {args.patch_size} must divide the image size {args.img_size} (e.g. 2, 4, 8)")
     return args
+
+
+def noise_free_share(batch_size, r_t0, rank, world):
+    """This rank's share of the int(B * r_t0) noise-free images of the global batch B."""
+    n = int(batch_size * r_t0)
+    return n // world + (rank < n % world)
+
+
+def _parse(line):  # a log line, or None for a half-written one (a crash mid-write)
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def load_data(args, rank, world):
+    """Rank 0 downloads and verifies first, then the others read; an error reaches every rank."""
+    ds, error = None, None
+    if rank == 0:
+        try:
+            ds = load_dataset(args.dataset, args.data_dir, args.img_size)
+        except DataError as e:
+            error = str(e)
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise DataError(error)
+    return ds if ds is not None else load_dataset(args.dataset, args.data_dir, args.img_size, download=False)
 
 
 def setup_device(args):
@@ -158,6 +192,11 @@ def save_atomic(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(Path(path).parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -188,17 +227,22 @@ def lr_at(step, total, warmup, peak):
 def build(args, ds, device, ckpt):
     """The network (fresh, fine-tune init, or resumed), its EMA, and AdamW."""
     torch.manual_seed(derive_seed(args.seed, 6))
-    if ckpt is not None:  # resume
-        model = UMDModel(**ckpt["config"]["model"])
-    elif args.finetune:  # pre-trained weights + a fresh label embedding (num_classes + 1 rows)
-        pre = read_checkpoint(args.finetune)
-        model = UMDModel(**{**pre["config"]["model"], "num_classes": ds.num_classes})
-        weights = {k: v for k, v in pre["model"].items() if not k.startswith(("y_embed.", "y_mlp."))}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or any(not k.startswith(("y_embed.", "y_mlp.")) for k in missing):
-            raise CheckpointError(f"{args.finetune} does not match its own model config")
-    else:
-        model = UMDModel(args.model, args.patch_size, ds.train_x.shape[-1], ds.train_x.shape[1])
+    source = Path(args.out) / "ckpt.pt" if ckpt is not None else args.finetune
+    try:
+        if ckpt is not None:  # resume: the weights are loaded below, with the optimizer
+            model = UMDModel(**ckpt["config"]["model"])
+        elif args.finetune:  # pre-trained weights + a fresh label embedding (num_classes + 1 rows)
+            pre = read_checkpoint(args.finetune)
+            model = UMDModel(**{**pre["config"]["model"], "num_classes": ds.num_classes})
+            label = ("y_embed.", "y_mlp.")
+            missing, unexpected = model.load_state_dict(
+                {k: v for k, v in pre["model"].items() if not k.startswith(label)}, strict=False)
+            if unexpected or any(not k.startswith(label) for k in missing):
+                raise ValueError("its weights do not match its model config")
+        else:
+            model = UMDModel(args.model, args.patch_size, ds.train_x.shape[-1], ds.train_x.shape[1])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: cannot build its model ({e})")
     if model.config["img_size"] != ds.train_x.shape[-1]:
         raise TrainError(f"the model takes {model.config['img_size']}px images but the data are {ds.train_x.shape[-1]}px")
     model.to(device)
@@ -218,35 +262,34 @@ def train(args):
     device, rank, world = setup_device(args)
     main_proc, out = rank == 0, Path(args.out)
     say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if main_proc else (lambda *a: None)
-    if args.compile is None:
-        args.compile = device.type == "cuda"
-    if args.amp is None:
-        args.amp = "off" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if args.amp == "fp16" and device.type == "cpu":
+    # resolved here and not stored in args: a resumed run decides again for the machine it is on
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    amp = args.amp or ("off" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if amp == "fp16" and device.type == "cpu":
         raise TrainError("--amp fp16 needs CUDA; use --amp bf16 or off on the CPU")
-
-    if main_proc:  # rank 0 downloads and verifies first; the others then read the files
-        ds = load_dataset(args.dataset, args.data_dir, args.img_size)
-    if world > 1:
-        dist.barrier()
-    if not main_proc:
-        ds = load_dataset(args.dataset, args.data_dir, args.img_size, download=False)
+    ds = load_data(args, rank, world)
     ckpt = read_checkpoint(out / "ckpt.pt", device) if args.resume else None
     model, ema, opt = build(args, ds, device, ckpt)
     conditional = model.num_classes is not None
     batches = Batches(ds.train_x, ds.train_y, args.batch_size, args.seed, device, args.min_area, rank, world)
     spe = batches.steps_per_epoch
     total = round(args.epochs * spe)
+    if total < 1:
+        raise TrainError(f"--epochs {args.epochs} is less than one step of {spe} per epoch; train longer")
     stop_at = min(total, args.max_steps) if args.max_steps is not None else total
     warmup, peak_lr = round(args.warmup_epochs * spe), args.lr * args.batch_size / 256
     step = ckpt["step"] if ckpt else 0
     alphas_cumprod = cosine_alphas_cumprod().to(device)
 
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    if args.compile:  # static shapes: the two groups of a step have fixed token counts
+    n0 = noise_free_share(args.batch_size, args.r_t0, rank, world)
+    # dit / maskdit fine-tunes never drop a patch: the mask token then gets no gradient on some rank
+    unused = int(args.batch_size * args.r_t0) < world and args.mask_ratio == 0
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+              find_unused_parameters=unused) if world > 1 else model
+    if use_compile:  # static shapes: the two groups of a step have fixed token counts
         net = torch.compile(net, dynamic=False)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     if ckpt and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     gen = torch.Generator(device)
@@ -262,15 +305,15 @@ def train(args):
 
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        info = dict(vars(args), world_size=world, device=str(device), steps_per_epoch=spe, total_steps=total,
+        info = dict(vars(args), compile=use_compile, amp=amp, world_size=world, device=str(device), steps_per_epoch=spe, total_steps=total,
                     params=sum(p.numel() for p in params), torch=torch.__version__)
         save_atomic(json.dumps(info, indent=2) + "\n", out / "config.json")
         if args.resume and (out / "log.jsonl").exists():  # drop lines logged after the checkpoint was written
-            lines = (out / "log.jsonl").read_text().splitlines()
-            save_atomic("".join(l + "\n" for l in lines if l.strip() and json.loads(l)["step"] <= step), out / "log.jsonl")
+            records = [r for r in map(_parse, (out / "log.jsonl").read_text().splitlines()) if r and r["step"] <= step]
+            save_atomic("".join(json.dumps(r) + "\n" for r in records), out / "log.jsonl")
         say(f"{args.method}: {model.config['size']}/p{model.config['patch_size']}, {info['params'] / 1e6:.2f}M params, "
-            f"{'conditional, ' if conditional else ''}batch {args.batch_size} on {world}x {device}, amp {args.amp}, "
-            f"compile {args.compile}; steps {step} -> {stop_at} of {total} ({spe}/epoch); writing {out}")
+            f"{'conditional, ' if conditional else ''}batch {args.batch_size} on {world}x {device}, amp {amp}, "
+            f"compile {use_compile}; steps {step} -> {stop_at} of {total} ({spe}/epoch); writing {out}")
     log_file = open(out / "log.jsonl" if main_proc else os.devnull, "a")
 
     def write_log(rec):
@@ -304,7 +347,7 @@ def train(args):
             gen.manual_seed(derive_seed(args.seed, 1, step, rank))
             x0, y = batches.get(step, gen)
             with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-                loss, stats = umd_loss(net, x0, r_t0=args.r_t0, mask_ratio=args.mask_ratio, mask_ratio_t0=args.mask_ratio_t0,
+                loss, stats = umd_loss(net, x0, r_t0=args.r_t0, n0=n0, mask_ratio=args.mask_ratio, mask_ratio_t0=args.mask_ratio_t0,
                                        alphas_cumprod=alphas_cumprod, y=y if conditional else None,
                                        label_dropout=args.label_dropout, generator=gen)
             scaler.scale(loss).backward()

@@ -46,3 +46,8 @@ def test_bench_cli_table():
     assert [row.split("|")[1].strip() for row in rows] == ["umd", "mae", "dit", "maskdit"]
     dit = rows[2].split("|")
     assert dit[-2].strip() == "1.00x" and dit[-3].strip() == "1.00x" and float(dit[4]) > 0
+
+
+def test_gpu_check_script_parses():
+    r = run_script("-c", "import subprocess, sys; sys.exit(subprocess.call(['bash', '-n', 'tools/gpu_check.sh']))")
+    assert r.returncode == 0, r.stderr

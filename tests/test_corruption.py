@@ -159,3 +159,9 @@ def test_patchify_round_trip():
         torch.testing.assert_close(unpatchify(patches, p, 3), x, rtol=0, atol=0)
     # patch k is the k-th p x p block in row-major order
     assert torch.equal(patchify(x, 8)[:, 5].view(2, 8, 8, 3).permute(0, 3, 1, 2), x[:, :, 8:16, 8:16])
+
+
+def test_n0_overrides_the_split():
+    m = Oracle(X0, lambda head, masked: torch.ones_like(masked))
+    run(m, X0, r_t0=0.5, n0=3)  # a DDP rank's share of the global batch's noise-free images
+    assert m.calls[0]["x"].shape[0] == 3 and torch.equal(m.calls[0]["x"], X0[5:])

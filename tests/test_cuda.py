@@ -56,3 +56,7 @@ def test_cli_on_cuda(tmp_path, cifar_dir):
     assert ((on_gpu - on_cpu).norm() / on_cpu.norm()).item() < 0.05  # bf16 on the GPU, fp32 on the CPU
     r = run_script("sample.py", "--ckpt", out / "ckpt.pt", "--n", "8", "--steps", "5", "--out", tmp_path / "s.png")
     assert r.returncode == 0, r.stderr
+    r = run_script("train.py", "--data-dir", cifar_dir, "--model", "tiny", "--patch-size", "4", "--batch-size", "32",
+                   "--max-steps", "4", "--amp", "fp16", "--no-compile", "--probe-every", "0", "--out", tmp_path / "fp16")
+    assert r.returncode == 0, r.stderr  # fp16 autocast with the GradScaler
+    assert torch.load(tmp_path / "fp16" / "ckpt.pt", weights_only=True)["scaler"] is not None

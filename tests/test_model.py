@@ -1,4 +1,6 @@
 """The network: shapes, what the encoder sees, conditioning, checkpoints, compile, learning."""
+import shutil
+
 import pytest
 import torch
 
@@ -86,12 +88,11 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
 
 def test_compiled_model_matches_eager_and_saves_without_prefix(tmp_path):
     m = randomize_adaln(build_model("tiny", 8))
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
     compiled = torch.compile(m, dynamic=False)
     x, t = torch.randn(2, 3, 32, 32), torch.full((2,), 7)
-    try:
-        out = compiled(x, t)
-    except Exception as e:  # no C++ toolchain, or an unsupported platform
-        pytest.skip(f"torch.compile does not work on this CPU: {type(e).__name__}")
+    out = compiled(x, t)
     torch.testing.assert_close(out, m(x, t), rtol=1e-4, atol=1e-4)
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
     state = unwrap(compiled).state_dict()  # what train.py saves

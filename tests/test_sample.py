@@ -20,12 +20,14 @@ def test_timestep_sequences():
     assert len(ddim_timesteps(125)) == 126
     assert ddim_timesteps(1) == [999, 0]
     assert ddim_timesteps(4) == [999, 749, 499, 249, 0]
-    assert ddim_timesteps(7) == [999, 857, 715, 573, 431, 289, 147, 0]
+    assert ddim_timesteps(7) == [999, 857, 714, 571, 428, 285, 142, 0]
     ts = ddim_timesteps(1000)
     assert ts == list(range(999, -1, -1)) and len(ts) == 1000
-    for s in (1, 3, 50, 125, 250, 999, 1000):
+    for s in (1, 3, 7, 50, 125, 250, 300, 600, 999, 1000):
         ts = ddim_timesteps(s)
         assert ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
+        assert len(ts) - 1 == min(s, 999)  # S transitions (999 at most: there are 1000 steps)
+        assert max(a - b for a, b in zip(ts, ts[1:])) <= -(-1000 // s)  # evenly spaced: no jump to 0
 
 
 def test_one_ddim_step_by_hand():
@@ -133,6 +135,7 @@ def test_sample_cli(tiny_run, ft_run, cifar_dir, tmp_path):
     (["--class-label", "1"], "unconditional"),
     (["--steps", "0"], "--steps 0"),
     (["--steps", "1001"], "--steps 1001"),
+    (["--eta", "1.5"], "--eta 1.5"),
     (["--ckpt", "{tmp}/nothing.pt"], "no such file"),
 ])
 def test_sample_cli_errors(args, message, tiny_run, tmp_path):

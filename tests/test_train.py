@@ -46,10 +46,14 @@ def test_cli_smoke_writes_run_files(tiny_run):
 
 
 def test_resume_is_exact(cifar_dir, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+    a, moved, b = tmp_path / "a", tmp_path / "first", tmp_path / "b"
     assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 7, "--out", a]) == 0
-    assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 3, "--out", b]) == 0
+    assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 3, "--out", moved]) == 0
+    moved.rename(b)  # a run resumes where --out says, even after it was moved
+    with open(b / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a line half-written by a crash is dropped
     assert run_main(["--data-dir", cifar_dir, "--resume", "--out", b, "--max-steps", 7]) == 0
+    assert not moved.exists()
     la, lb = log(a), log(b)
     assert [r["step"] for r in lb] == list(range(1, 8))
     for ra, rb in zip(la, lb):  # identical losses after the resume, across an epoch boundary (6 steps)
@@ -100,6 +104,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path
     (["--finetune", "{tmp}/missing.pt", "--out", "{tmp}/x"], "no such file"),
     (["--r-t0", "0.5", "--mask-ratio-t0", "0", "--out", "{tmp}/x"], "mask-ratio-t0"),
     (["--device", "cpu", "--amp", "fp16", "--out", "{tmp}/x"], "fp16"),
+    (["--patch-size", "3", "--out", "{tmp}/x"], "--patch-size 3"),
+    (["--max-steps", "0", "--out", "{tmp}/x"], "--max-steps"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
@@ -137,10 +143,17 @@ def test_lr_schedule():
     assert train.lr_at(100, 100, 10, peak) == pytest.approx(0, abs=1e-12)
 
 
-def test_two_process_gloo_run_under_torchrun(cifar_dir, tmp_path):
+def test_noise_free_share_of_the_global_batch():
+    for batch, r_t0, world in [(1024, 0.5, 8), (256, 0.05, 8), (256, 0.05, 16), (32, 0.25, 3)]:
+        shares = [train.noise_free_share(batch, r_t0, rank, world) for rank in range(world)]
+        assert sum(shares) == int(batch * r_t0) and max(shares) - min(shares) <= 1
+
+
+@pytest.mark.parametrize("method", ["umd", "dit"])  # dit leaves the mask token without a gradient
+def test_two_process_gloo_run_under_torchrun(cifar_dir, tmp_path, method):
     out = tmp_path / "ddp"
     r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-                   "--data-dir", cifar_dir, *TINY, "--max-steps", 3, "--out", out)
+                   "--data-dir", cifar_dir, *TINY, "--method", method, "--max-steps", 3, "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert [rec["step"] for rec in log(out)] == [1, 2, 3]  # one log, written by rank 0 only
