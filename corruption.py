@@ -56,6 +56,12 @@ def masked_mean(per_patch, weight):
     return (per_patch * weight).sum() / weight.sum()
 
 
+def noise_free_share(batch_size, r_t0, rank, world):
+    """This rank's share of the int(B * r_t0) noise-free images of the global batch B."""
+    n = int(batch_size * r_t0)
+    return n // world + (rank < n % world)
+
+
 def umd_loss(model, x0, *, r_t0, mask_ratio, mask_ratio_t0, alphas_cumprod,
              y=None, label_dropout=0.0, generator=None, n0=None):
     """One UMD step on images x0 in [-1, 1]. Returns (loss, stats); stats holds loss_t0 / loss_t

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -55,6 +56,24 @@ def load_dataset(name, data_dir, img_size=32, download=True):
     if name == "folder":
         return load_image_folder(data_dir, img_size)
     raise DataError(f"unknown dataset {name!r}; use cifar10 or folder")
+
+
+def load_dataset_once(name, data_dir, img_size, rank=0, world=1):
+    """load_dataset under DDP: rank 0 downloads and verifies first, then the others read; an
+    error reaches every rank (instead of leaving them waiting for rank 0)."""
+    ds, error = None, None
+    if rank == 0:
+        try:
+            ds = load_dataset(name, data_dir, img_size)
+        except DataError as e:
+            error = str(e)
+    if world > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise DataError(error)
+    return ds if ds is not None else load_dataset(name, data_dir, img_size, download=False)
 
 
 # ---------------------------------------------------------------------------- CIFAR-10

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from corruption import cosine_alphas_cumprod, umd_loss
-from data import Batches, DataError, derive_seed, load_dataset, to_float
+from corruption import cosine_alphas_cumprod, noise_free_share, umd_loss
+from data import Batches, DataError, derive_seed, load_dataset_once, to_float
 from model import SIZES, CheckpointError, UMDModel, no_decay, read_checkpoint, unwrap
 from probe import QuickProbe
 from sample import reconstruction_rows, save_grid
@@ -137,34 +137,11 @@ def resolve(args):
     return args
 
 
-def noise_free_share(batch_size, r_t0, rank, world):
-    """This rank's share of the int(B * r_t0) noise-free images of the global batch B."""
-    n = int(batch_size * r_t0)
-    return n // world + (rank < n % world)
-
-
 def _parse(line):  # a log line, or None for a half-written one (a crash mid-write)
     try:
         return json.loads(line)
     except json.JSONDecodeError:
         return None
-
-
-def load_data(args, rank, world):
-    """Rank 0 downloads and verifies first, then the others read; an error reaches every rank."""
-    ds, error = None, None
-    if rank == 0:
-        try:
-            ds = load_dataset(args.dataset, args.data_dir, args.img_size)
-        except DataError as e:
-            error = str(e)
-    if world > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise DataError(error)
-    return ds if ds is not None else load_dataset(args.dataset, args.data_dir, args.img_size, download=False)
 
 
 def setup_device(args):
@@ -267,7 +244,7 @@ def train(args):
     amp = args.amp or ("off" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if amp == "fp16" and device.type == "cpu":
         raise TrainError("--amp fp16 needs CUDA; use --amp bf16 or off on the CPU")
-    ds = load_data(args, rank, world)
+    ds = load_dataset_once(args.dataset, args.data_dir, args.img_size, rank, world)
     ckpt = read_checkpoint(out / "ckpt.pt", device) if args.resume else None
     model, ema, opt = build(args, ds, device, ckpt)
     conditional = model.num_classes is not None

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train
+from corruption import noise_free_share
 from conftest import ROOT, run_script
 from model import load_checkpoint
 
@@ -145,7 +146,7 @@ def test_lr_schedule():
 
 def test_noise_free_share_of_the_global_batch():
     for batch, r_t0, world in [(1024, 0.5, 8), (256, 0.05, 8), (256, 0.05, 16), (32, 0.25, 3)]:
-        shares = [train.noise_free_share(batch, r_t0, rank, world) for rank in range(world)]
+        shares = [noise_free_share(batch, r_t0, rank, world) for rank in range(world)]
         assert sum(shares) == int(batch * r_t0) and max(shares) - min(shares) <= 1
 
 
