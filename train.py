@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from corruption import cosine_alphas_cumprod, noise_free_share, umd_loss
 from data import Batches, DataError, derive_seed, load_dataset_once, to_float
-from model import SIZES, CheckpointError, UMDModel, no_decay, read_checkpoint, unwrap
+from model import SIZES, CheckpointError, UMDModel, no_decay, read_checkpoint
 from probe import QuickProbe
 from sample import reconstruction_rows, save_grid
 
