@@ -205,7 +205,7 @@ def build(args, ds, device, ckpt):
     """The network (fresh, fine-tune init, or resumed), its EMA, and AdamW."""
     torch.manual_seed(derive_seed(args.seed, 6))
     source = Path(args.out) / "ckpt.pt" if ckpt is not None else args.finetune
-    try:
+    try:  # a checkpoint whose config or weights cannot make a model: one clear line
         if ckpt is not None:  # resume: the weights are loaded below, with the optimizer
             model = UMDModel(**ckpt["config"]["model"])
         elif args.finetune:  # pre-trained weights + a fresh label embedding (num_classes + 1 rows)
@@ -216,10 +216,10 @@ def build(args, ds, device, ckpt):
                 {k: v for k, v in pre["model"].items() if not k.startswith(label)}, strict=False)
             if unexpected or any(not k.startswith(label) for k in missing):
                 raise ValueError("its weights do not match its model config")
-        else:
-            model = UMDModel(args.model, args.patch_size, ds.train_x.shape[-1], ds.train_x.shape[1])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: cannot build its model ({e})")
+    except (RuntimeError, TypeError, ValueError) as e:  # RuntimeError: a weight of the wrong shape
+        raise CheckpointError(f"{source}: cannot build its model ({str(e).splitlines()[0]})")
+    if ckpt is None and not args.finetune:  # flags were checked in resolve()
+        model = UMDModel(args.model, args.patch_size, ds.train_x.shape[-1], ds.train_x.shape[1])
     if model.config["img_size"] != ds.train_x.shape[-1]:
         raise TrainError(f"the model takes {model.config['img_size']}px images but the data are {ds.train_x.shape[-1]}px")
     model.to(device)
@@ -259,8 +259,9 @@ def train(args):
     alphas_cumprod = cosine_alphas_cumprod().to(device)
 
     n0 = noise_free_share(args.batch_size, args.r_t0, rank, world)
-    # dit / maskdit fine-tunes never drop a patch: the mask token then gets no gradient on some rank
-    unused = int(args.batch_size * args.r_t0) < world and args.mask_ratio == 0
+    # a rank with no noise-free image and no masking (dit / maskdit fine-tunes) never uses the mask
+    # token; the last rank has the smallest share
+    unused = noise_free_share(args.batch_size, args.r_t0, world - 1, world) == 0 and args.mask_ratio == 0
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
               find_unused_parameters=unused) if world > 1 else model
     if use_compile:  # static shapes: the two groups of a step have fixed token counts
@@ -282,8 +283,9 @@ def train(args):
 
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        info = dict(vars(args), compile=use_compile, amp=amp, world_size=world, device=str(device), steps_per_epoch=spe, total_steps=total,
-                    params=sum(p.numel() for p in params), torch=torch.__version__)
+        info = dict(vars(args), compile=use_compile, amp=amp, world_size=world, device=str(device),
+                    steps_per_epoch=spe, total_steps=total, params=sum(p.numel() for p in params),
+                    torch=torch.__version__)
         save_atomic(json.dumps(info, indent=2) + "\n", out / "config.json")
         if args.resume and (out / "log.jsonl").exists():  # drop lines logged after the checkpoint was written
             records = [r for r in map(_parse, (out / "log.jsonl").read_text().splitlines()) if r and r["step"] <= step]
@@ -324,8 +326,8 @@ def train(args):
             gen.manual_seed(derive_seed(args.seed, 1, step, rank))
             x0, y = batches.get(step, gen)
             with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-                loss, stats = umd_loss(net, x0, r_t0=args.r_t0, n0=n0, mask_ratio=args.mask_ratio, mask_ratio_t0=args.mask_ratio_t0,
-                                       alphas_cumprod=alphas_cumprod, y=y if conditional else None,
+                loss, stats = umd_loss(net, x0, r_t0=args.r_t0, n0=n0, mask_ratio=args.mask_ratio,
+                                       mask_ratio_t0=args.mask_ratio_t0, alphas_cumprod=alphas_cumprod, y=y if conditional else None,
                                        label_dropout=args.label_dropout, generator=gen)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
