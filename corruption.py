@@ -9,17 +9,26 @@ Every batch is split, deterministically, into two groups that share one network:
     image noised to x_t, then mask_ratio (37.5%) of its patches dropped, time input t + 1;
     the loss is the eps MSE on the visible patches plus the x0 MSE on the masked ones.
 
-  L = r_t0 * L0 + (1 - r_t0) * Lt.   MAE, DiT and MaskDiT are special settings (train.py).
+  L = r_t0 * L0 + (1 - r_t0) * Lt        (the UMD objective of the paper)
 
-Randomness (t, noise, masks, label dropout) is drawn here, outside the network, from one
-torch.Generator, so a seed fixes it and a compiled network sees only tensors of fixed shape.
+MAE (r_t0 = 1), DiT (r_t0 = 0, no mask) and MaskDiT (r_t0 = 0, 50% masked) are settings of the
+same step (train.py METHODS). Randomness (t, noise, masks, label dropout) is drawn here, outside
+the network, from one torch.Generator, so a seed fixes it and a compiled network sees only
+tensors of fixed shape.
+
+References:
+  UMD: Hansen-Estruch et al., "Unified Auto-Encoding with Masked Diffusion", arXiv 2406.17688
+  official JAX code: github.com/philippe-eecs/small-vision, big_vision/trainers/train_ae.py
+      (the step and its loss) and big_vision/gaussian_diffusion.py (the schedule)
+  MAE masking: He et al., arXiv 2111.06377; github.com/facebookresearch/mae, models_mae.py
+  cosine schedule: Nichol & Dhariwal, "Improved DDPM", arXiv 2102.09672
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
-from model import unwrap
+from model import CLEAN, time_input, unwrap
 
 
 def cosine_alphas_cumprod(T=1000, max_beta=0.999):
@@ -36,12 +45,14 @@ def q_sample(x0, t, noise, alphas_cumprod):
 
 
 def random_masking(batch_size, num_patches, mask_ratio, device=None, generator=None):
-    """MAE masking by a random permutation per image; every row keeps exactly n_keep patches,
-    so shapes are static. Returns ids_keep [B, n_keep], mask [B, L] (1 = dropped), ids_restore."""
+    """MAE's masking: a random permutation per image, keep its first n_keep patches. Every row
+    keeps exactly n_keep, so shapes are static. Returns ids_keep [B, n_keep], mask [B, L]
+    (1 = dropped, in patch order) and ids_restore [B, L] (undoes the shuffle in the decoder)."""
     n_keep = int(num_patches * (1 - mask_ratio))
-    ids_shuffle = torch.rand(batch_size, num_patches, device=device, generator=generator).argsort(dim=1)
-    ids_restore = ids_shuffle.argsort(dim=1)  # position of each patch in the shuffled order
-    mask = (ids_restore >= n_keep).float()
+    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    ids_shuffle = noise.argsort(dim=1)          # shuffled order: ascending noise, the first n_keep are kept
+    ids_restore = ids_shuffle.argsort(dim=1)    # ids_restore[b, i] = where patch i sits in the shuffled order
+    mask = (ids_restore >= n_keep).float()      # so patch i is dropped exactly when it sits past n_keep
     return ids_shuffle[:, :n_keep], mask, ids_restore
 
 
@@ -74,11 +85,12 @@ def umd_loss(model, x0, *, r_t0, mask_ratio, mask_ratio_t0, alphas_cumprod,
     n0 = int(B * r_t0) if n0 is None else n0  # the last n0 images: noise-free step; the rest: mixed step
     loss, stats = x0.new_zeros((), dtype=torch.float32), {}
 
-    # 1. Noise-free, high-mask step (MAE): time input 0, predict the pixels of the masked patches.
+    # 1. Noise-free, high-mask step (MAE): time input CLEAN, predict the pixels of the masked patches.
+    #    It runs without labels: in the fine-tune it is the null (unconditional) class, as officially.
     if n0 > 0:
         xc = x0[B - n0:]
         ids_keep, mask, ids_restore = random_masking(n0, L, mask_ratio_t0, dev, generator)
-        out = model(xc, torch.zeros(n0, dtype=torch.long, device=dev), None, ids_keep, ids_restore)
+        out = model(xc, torch.full((n0,), CLEAN, device=dev), None, ids_keep, ids_restore)
         loss_t0 = masked_mean(patch_mse(out[:, :C], xc, p), mask)
         loss = loss + (n0 / B) * loss_t0
         stats["loss_t0"] = loss_t0.detach()
@@ -96,13 +108,15 @@ def umd_loss(model, x0, *, r_t0, mask_ratio, mask_ratio_t0, alphas_cumprod,
             yn = torch.where(drop, net.num_classes, y[:n])
         if mask_ratio > 0:
             ids_keep, mask, ids_restore = random_masking(n, L, mask_ratio, dev, generator)
+            out = model(x_t, time_input(t), yn, ids_keep, ids_restore)
+            eps_term = masked_mean(patch_mse(out[:, C:], eps, p), 1 - mask)  # visible patches
+            x0_term = masked_mean(patch_mse(out[:, :C], xn, p), mask)        # masked patches
         else:
-            ids_keep = ids_restore = None
-            mask = torch.zeros(n, L, device=dev)
-        out = model(x_t, t + 1, yn, ids_keep, ids_restore)  # time input t + 1: 0 means clean
-        x0_hat, eps_hat = out[:, :C], out[:, C:]
-        eps_term = masked_mean(patch_mse(eps_hat, eps, p), 1 - mask)
-        x0_term = masked_mean(patch_mse(x0_hat, xn, p), mask) if mask_ratio > 0 else patch_mse(x0_hat, xn, p).mean()
+            # Nothing is masked (DiT, and every fine-tune): the x0 term would be empty, so both
+            # heads are trained on every patch, as the official loss does when mask_ratio is 0.
+            out = model(x_t, time_input(t), yn)
+            eps_term = patch_mse(out[:, C:], eps, p).mean()
+            x0_term = patch_mse(out[:, :C], xn, p).mean()
         loss_t = 0.5 * (eps_term + x0_term)
         loss = loss + (n / B) * loss_t
         stats["loss_t"] = loss_t.detach()

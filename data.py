@@ -38,8 +38,19 @@ class Dataset:
         return len(self.classes)
 
 
+class Stream:
+    """The random streams derived from one --seed: derive_seed(seed, Stream.X, ...) gives each
+    purpose its own generator, so changing one (say, a probe) never shifts another (training)."""
+    DATA_ORDER = 0    # the permutation of each epoch (Batches)
+    STEP = 1          # a training step's augmentation, t, noise, masks and label dropout (train.py)
+    PROBE_NOISE = 2   # the noise of features read at t > 0 (probe.py)
+    FEWSHOT = 3       # which training images a few-shot probe uses (probe.py)
+    LINEAR_PROBE = 4  # the linear probe's initialisation and batch order (probe.py)
+    INIT = 6          # the network's initialisation (train.py)
+
+
 def derive_seed(*parts):
-    """A 63-bit seed from integers (seed, purpose, step, ...): independent streams, no collisions."""
+    """A 63-bit seed from integers (seed, Stream.X, step, ...): independent streams, no collisions."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
@@ -178,10 +189,10 @@ def load_image_folder(root, img_size, test_fraction=0.1):
 class Batches:
     """Seeded training batches made on the device from a uint8 copy of the training set.
 
-    Epoch e visits the images in the permutation derive_seed(seed, 'perm', e); step s is
-    batch s % steps_per_epoch of epoch s // steps_per_epoch, so any step can be rebuilt from
-    (seed, s) alone: that is what makes --resume exact. Under DDP every rank draws the same
-    global batch and keeps its own slice of it."""
+    Epoch e visits the images in the permutation seeded by derive_seed(seed, Stream.DATA_ORDER, e);
+    step s is batch s % steps_per_epoch of epoch s // steps_per_epoch, so any step can be rebuilt
+    from (seed, s) alone: that is what makes --resume exact. Under DDP every rank draws the same
+    global batch and keeps its own slice of it. The augmentation uses the caller's generator."""
 
     def __init__(self, images, labels, batch_size, seed, device, min_area=0.8, rank=0, world=1):
         if batch_size % world:
@@ -197,7 +208,7 @@ class Batches:
         """(x0 float [b, C, H, W] in [-1, 1], labels [b]) for this rank at global step `step`."""
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, Stream.DATA_ORDER, epoch))
             self._epoch, self._perm = epoch, torch.randperm(len(self.images), generator=g).to(self.images.device)
         b = self.batch_size // self.world
         idx = self._perm[i * self.batch_size + self.rank * b:][:b]

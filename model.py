@@ -1,4 +1,4 @@
-"""The network: a compact DiT auto-encoder (method.md section 2).
+"""The network: a compact DiT auto-encoder.
 
     image -> patches (+ position) -> drop masked patches -> [4 class tokens, visible patches]
           -> encoder (adaLN-Zero blocks, conditioned on time and label) -> LayerNorm
@@ -8,12 +8,30 @@
           -> per-patch linear head -> 2C channels: [x0 prediction, eps prediction]
 
 The encoder only ever sees class tokens + visible patches: that is where UMD saves compute.
+
+References:
+  UMD: arXiv 2406.17688; official JAX code github.com/philippe-eecs/small-vision,
+      big_vision/models/ae.py (this network), big_vision/models/vit.py (its blocks)
+  DiT: Peebles & Xie, arXiv 2212.09748; github.com/facebookresearch/DiT, models.py (adaLN-Zero)
+  MAE: He et al., arXiv 2111.06377; github.com/facebookresearch/mae, models_mae.py (encoder on
+      visible patches, decoder with mask tokens)
 """
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+CLEAN = 0  # the time input of a clean image: the noise-free step, the probes, the sampler's last call
+
+
+def time_input(t):
+    """The network's time input for diffusion step t in [0, T-1]: t + 1, so that CLEAN (0) always
+    means "no noise at all" and never collides with t = 0, which is already (slightly) noised."""
+    return t + 1
+
 
 # width, encoder depth, decoder depth, heads. S/B/L are the official sizes; tiny is for CPUs.
 SIZES = {
@@ -128,6 +146,7 @@ class UMDModel(nn.Module):
         initialize_weights(self)
 
     def condition(self, t, y=None):
+        """c [B, d] = SiLU(t_mlp(sinusoidal(t)) + y_mlp(y_embed(y))), the input of every adaLN."""
         args = t.float()[:, None] * self.freqs[None]
         c = self.t_mlp(torch.cat([args.sin(), args.cos()], dim=-1))
         if self.num_classes is not None:  # no label given: the null label (unconditional)
@@ -137,51 +156,64 @@ class UMDModel(nn.Module):
 
     def encode(self, x, c, ids_keep=None):
         """Visible patches -> (representation [B, d], encoded patch tokens [B, n_keep, d])."""
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # position before masking
-        if ids_keep is not None:
-            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, L, d], patches in row-major order
+        x = x + self.pos_embed  # position is added before masking, so a kept patch knows where it was
+        if ids_keep is not None:  # keep the visible patches: x[b, i] = x[b, ids_keep[b, i]]
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, n_keep, d]
         k = self.cls_tokens.shape[1]
-        x = torch.cat([self.cls_tokens.expand(x.shape[0], -1, -1), x], dim=1)
+        x = torch.cat([self.cls_tokens.expand(x.shape[0], -1, -1), x], dim=1)  # [B, k + n_keep, d]
         for block in self.encoder:
             x = block(x, c)
         x = self.enc_norm(x)
-        return x[:, :k].mean(dim=1), x[:, k:]
+        return x[:, :k].mean(dim=1), x[:, k:]  # [B, d], [B, n_keep, d]
 
     def decode(self, rep, x, c, ids_restore=None):
-        if ids_restore is not None:  # a mask token in every dropped slot, then undo the shuffle
+        """(representation [B, d], encoded visible tokens [B, n_keep, d]) -> [B, 2C, H, W]."""
+        if ids_restore is not None:
             B, n_keep, D = x.shape
             mask_tokens = self.mask_token.to(x.dtype).expand(B, ids_restore.shape[1] - n_keep, D)
-            x = torch.gather(torch.cat([x, mask_tokens], dim=1), 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
-        x = torch.cat([rep.unsqueeze(1), x + self.dec_pos_embed], dim=1)
+            x = torch.cat([x, mask_tokens], dim=1)  # [B, L, d] in shuffled order: kept first, then dropped
+            x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))  # back to patch order
+        # the representation rides along as one extra token: the decoder reads the class tokens'
+        # summary, so the encoder must put what reconstruction needs into it
+        x = torch.cat([rep.unsqueeze(1), x + self.dec_pos_embed], dim=1)  # [B, 1 + L, d]
         for block in self.decoder:
             x = block(x, c)
-        x = self.dec_norm(x)[:, 1:]
+        x = self.dec_norm(x)[:, 1:]  # [B, L, d]: drop the representation token
         shift, scale = self.final_adaLN(c).chunk(2, dim=1)
-        return unpatchify(self.head(modulate(x, shift, scale)), self.patch_size, 2 * self.channels)
+        x = self.head(modulate(x, shift, scale))  # [B, L, p * p * 2C]
+        return unpatchify(x, self.patch_size, 2 * self.channels)  # [B, 2C, H, W]
 
     def forward(self, x, t, y=None, ids_keep=None, ids_restore=None):
-        """x [B, C, H, W]; t: LongTensor[B] time input (0 = clean, t_index + 1 = noisy);
-        ids_keep/ids_restore from corruption.random_masking (None = no masking).
+        """x [B, C, H, W]; t: LongTensor[B] time input (CLEAN = 0, or time_input(t) when noised);
+        y: labels [B] or None (the null label); ids_keep/ids_restore from
+        corruption.random_masking (None = no masking).
         Returns [B, 2C, H, W]: channels [:C] predict x0, [C:] predict eps."""
-        c = self.condition(t, y)
-        rep, x = self.encode(x, c, ids_keep)
+        c = self.condition(t, y)  # [B, d]
+        rep, x = self.encode(x, c, ids_keep)  # [B, d], [B, n_keep, d]
         return self.decode(rep, x, c, ids_restore)
 
     @torch.no_grad()
     def features(self, x, t=None):
-        """The representation: mean of the class tokens (encoder only, no masking)."""
-        t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if t is None else t
+        """The representation [B, d]: mean of the class tokens (encoder only, no masking); the
+        clean image (time input CLEAN) unless a time input t is given."""
+        t = torch.full((x.shape[0],), CLEAN, device=x.device) if t is None else t
         return self.encode(x, self.condition(t))[0]
 
 
 def initialize_weights(model):
-    """Initialisation, following the official code (big_vision models/ae.py, vit.py) and DiT:
-    - Linear layers (and the patch embedding, seen as a linear map of a patch): xavier-uniform,
-      zero bias;
-    - position embeddings N(0, 1/L) (official: stddev 1/sqrt(L)); class tokens 0; mask token
-      N(0, 0.02); label embedding N(0, 1) (the scale of the sinusoidal time features);
-    - every adaLN linear and the final modulation at zero (adaLN-Zero: blocks start as identity,
-      the output starts unmodulated); output head N(0, 0.02)."""
+    """Initialisation. Where it follows the official code (small-vision big_vision/models/ae.py,
+    vit.py, embeddings.py) and where it follows DiT (facebookresearch/DiT models.py) instead:
+    - official: position embeddings N(0, 1/L); class tokens 0; mask token N(0, 0.02); block MLPs
+      xavier-uniform; every adaLN linear and the final modulation at zero (adaLN-Zero: blocks start
+      as the identity, the output unmodulated); output head N(0, 0.02) (officially a
+      ConvTranspose with k = stride = p, the same map); label embedding N(0, 1/d), flax's nn.Embed
+      default, so that a fresh label branch barely moves a pre-trained condition;
+    - DiT, not official: the patch embedding is xavier-uniform on the flattened kernel (official:
+      lecun-normal, about 4x larger at p = 2); q, k, v are one fused xavier-uniform Linear, so each
+      is 1/sqrt(2) smaller than the official three separate ones; the time and label MLPs are
+      xavier-uniform (official: lecun-normal);
+    - all biases 0 (official MLP biases are N(0, 1e-6), the same thing in practice)."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -194,7 +226,7 @@ def initialize_weights(model):
     nn.init.zeros_(model.cls_tokens)
     nn.init.normal_(model.mask_token, std=0.02)
     if model.num_classes is not None:
-        nn.init.normal_(model.y_embed.weight, std=1.0)
+        nn.init.normal_(model.y_embed.weight, std=model.dim ** -0.5)
     for block in [*model.encoder, *model.decoder]:
         nn.init.zeros_(block.adaLN.weight)
         nn.init.zeros_(block.adaLN.bias)
@@ -236,3 +268,18 @@ def load_checkpoint(path, device="cpu", ema=True):
     except (RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not match the model its config describes ({str(e).splitlines()[0]})")
     return model.eval(), ckpt
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, fsync, rename: a crash never leaves a half-written file."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f) if not isinstance(obj, str) else f.write(obj.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(Path(path).parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

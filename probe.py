@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from corruption import cosine_alphas_cumprod, q_sample
-from data import DataError, derive_seed, load_dataset, to_float
-from model import CheckpointError, load_checkpoint, unwrap
+from data import DataError, Stream, derive_seed, load_dataset, to_float
+from model import CLEAN, CheckpointError, load_checkpoint, time_input, unwrap
 
 NOISE_BLOCK = 1000  # feature noise is drawn per fixed block of images: independent of batch size
 
@@ -28,7 +28,7 @@ NOISE_BLOCK = 1000  # feature noise is drawn per fixed block of images: independ
 @torch.no_grad()
 def extract_features(model, images, t=None, batch_size=500, seed=0, desc=None):
     """Features [N, d] (float32, CPU) of uint8 images: eval mode, no masking, mean of the class
-    tokens. t=None reads the clean image at time input 0; t=N reads x_t at time input N + 1."""
+    tokens. t=None reads the clean image (time input CLEAN); t=N reads x_t at diffusion step N."""
     net = unwrap(model)
     was_training, dev = net.training, next(net.parameters()).device
     net.eval()
@@ -36,10 +36,10 @@ def extract_features(model, images, t=None, batch_size=500, seed=0, desc=None):
     out = []
     for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
         x = to_float(images[s:s + batch_size].to(dev))
-        time_in = torch.zeros(len(x), dtype=torch.long, device=dev)
+        time_in = torch.full((len(x),), CLEAN, device=dev)
         if t is not None:
             ts = torch.full_like(time_in, t)
-            x, time_in = q_sample(x, ts, _block_noise(s, s + len(x), x.shape[1:], seed).to(dev), abar), ts + 1
+            x, time_in = q_sample(x, ts, _block_noise(s, s + len(x), x.shape[1:], seed).to(dev), abar), time_input(ts)
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
             out.append(net.features(x, time_in).float().cpu())
     net.train(was_training)
@@ -48,7 +48,7 @@ def extract_features(model, images, t=None, batch_size=500, seed=0, desc=None):
 
 def _block_noise(start, end, shape, seed):
     first, last = start // NOISE_BLOCK, (end - 1) // NOISE_BLOCK
-    noise = torch.cat([torch.randn(NOISE_BLOCK, *shape, generator=torch.Generator().manual_seed(derive_seed(seed, 2, b)))
+    noise = torch.cat([torch.randn(NOISE_BLOCK, *shape, generator=torch.Generator().manual_seed(derive_seed(seed, Stream.PROBE_NOISE, b)))
                        for b in range(first, last + 1)])
     return noise[start - first * NOISE_BLOCK:end - first * NOISE_BLOCK]
 
@@ -60,7 +60,7 @@ def pixel_features(images):
 # ---------------------------------------------------------------------------- few-shot ridge
 def fewshot_indices(labels, shots, seed=0):
     """`shots` training images per class, chosen by `seed`."""
-    g, idx = torch.Generator().manual_seed(derive_seed(seed, 3)), []
+    g, idx = torch.Generator().manual_seed(derive_seed(seed, Stream.FEWSHOT)), []
     for c in labels.unique().tolist():
         members = (labels == c).nonzero().flatten()
         if len(members) < shots:
@@ -107,12 +107,23 @@ class QuickProbe:
         feat = pixel_features if model is None else lambda x: extract_features(model, x, t)
         return ridge_accuracy(feat(self.train_x), self.train_y, feat(self.test_x), self.test_y, self.num_classes)
 
+    def report(self, model, ema, t, step):
+        """The log record of one probe of the raw and EMA weights (and of raw pixels at step 0)."""
+        start, rec = time.time(), {}
+        if step == 0:
+            rec["probe_pixels"] = self()
+        rec["probe"], rec["probe_ema"] = self(model, t), self(ema, t)
+        pixels = f", pixels {100 * rec['probe_pixels']:.2f}%" if "probe_pixels" in rec else ""
+        tqdm.write(f"step {step}: {self.train_y.numel()}-image ridge probe {100 * rec['probe']:.2f}% "
+                   f"(EMA {100 * rec['probe_ema']:.2f}%{pixels}{', t=50' if t else ''}) in {time.time() - start:.1f}s")
+        return rec
+
 
 # ---------------------------------------------------------------------------- linear (MAE protocol)
 def train_linear(train_f, train_y, num_classes, lr, weight_decay, epochs=20, batch_size=256, seed=0):
     """BatchNorm without affine, then a linear layer, on frozen features (MAE's linear probe):
     SGD with momentum 0.9, cosine learning rate, batch 256."""
-    g = torch.Generator().manual_seed(derive_seed(seed, 4))
+    g = torch.Generator().manual_seed(derive_seed(seed, Stream.LINEAR_PROBE))
     head = nn.Sequential(nn.BatchNorm1d(train_f.shape[1], affine=False), nn.Linear(train_f.shape[1], num_classes))
     with torch.no_grad():
         head[1].weight.normal_(std=0.01, generator=g)
@@ -169,6 +180,28 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=20, temperatur
         votes = torch.zeros(len(idx), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
         correct += (votes.argmax(1) == test_y[s:s + chunk]).sum().item()
     return correct / len(test_f)
+
+
+# ---------------------------------------------------------------------------- all of them
+def evaluate(train_f, train_y, test_f, test_y, num_classes, modes=("linear", "fewshot", "knn"), split="test",
+             shots=100, seeds=5, k=20):
+    """The probes named in modes on one set of features: (results dict, one summary line each)."""
+    results, lines = {}, []
+    if "linear" in modes:
+        acc, chosen = linear_probe(train_f, train_y, test_f, test_y, num_classes,
+                                   log=lambda s: tqdm.write(s, file=sys.stderr))
+        results["linear"] = dict(top1=acc, **chosen)
+        lines.append(f"linear probe top-1: {100 * acc:.2f}% ({split}; lr {chosen['lr']:g}, weight decay "
+                     f"{chosen['weight_decay']:g} chosen on the last {chosen['val_images']} training images)")
+    if "fewshot" in modes:
+        mean, sd, accs = fewshot_probe(train_f, train_y, test_f, test_y, num_classes, shots, seeds)
+        results["fewshot"] = dict(shots=shots, mean=mean, std=sd, per_seed=accs, l2=1024.0)
+        lines.append(f"{shots}-shot ridge probe top-1: {100 * mean:.2f}% +- {100 * sd:.2f} ({split}; {seeds} seeds)")
+    if "knn" in modes:
+        acc = knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=k)
+        results["knn"] = dict(top1=acc, k=k, temperature=0.07)
+        lines.append(f"{k}-NN probe top-1: {100 * acc:.2f}% ({split}; cosine, temperature 0.07)")
+    return results, lines
 
 
 # ---------------------------------------------------------------------------- command line
@@ -235,22 +268,10 @@ def run(args):
         train_f = extract_features(model, ds.train_x, args.t, args.batch_size, desc="features (train)")
         test_f = extract_features(model, ds.test_x, args.t, args.batch_size, desc="features (test)")
     split = f"{args.dataset.replace('cifar10', 'CIFAR-10')} test, {len(test_f)} images"
-    results = dict(settings={k: v for k, v in vars(args).items()}, what=what, feature_dim=train_f.shape[1])
-    lines = []
-    if args.mode in ("linear", "all"):
-        acc, chosen = linear_probe(train_f, ds.train_y, test_f, ds.test_y, ds.num_classes,
-                                   log=lambda s: tqdm.write(s, file=sys.stderr))
-        results["linear"] = dict(top1=acc, **chosen)
-        lines.append(f"linear probe top-1: {100 * acc:.2f}% ({split}; lr {chosen['lr']:g}, weight decay "
-                     f"{chosen['weight_decay']:g} chosen on the last {chosen['val_images']} training images)")
-    if args.mode in ("fewshot", "all"):
-        mean, sd, accs = fewshot_probe(train_f, ds.train_y, test_f, ds.test_y, ds.num_classes, args.shots, args.seeds)
-        results["fewshot"] = dict(shots=args.shots, mean=mean, std=sd, per_seed=accs, l2=1024.0)
-        lines.append(f"{args.shots}-shot ridge probe top-1: {100 * mean:.2f}% +- {100 * sd:.2f} ({split}; {args.seeds} seeds)")
-    if args.mode in ("knn", "all"):
-        acc = knn_accuracy(train_f, ds.train_y, test_f, ds.test_y, ds.num_classes, k=args.k)
-        results["knn"] = dict(top1=acc, k=args.k, temperature=0.07)
-        lines.append(f"{args.k}-NN probe top-1: {100 * acc:.2f}% ({split}; cosine, temperature 0.07)")
+    modes = ("linear", "fewshot", "knn") if args.mode == "all" else (args.mode,)
+    results, lines = evaluate(train_f, ds.train_y, test_f, ds.test_y, ds.num_classes, modes, split,
+                              args.shots, args.seeds, args.k)
+    results = dict(settings={k: v for k, v in vars(args).items()}, what=what, feature_dim=train_f.shape[1], **results)
     results["seconds"] = time.time() - start
     print(f"# {what}")
     print("\n".join(lines))

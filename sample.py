@@ -1,11 +1,18 @@
 """Look at what a checkpoint learned: DDIM samples (with classifier-free guidance after a label
-fine-tune) and masked-reconstruction pictures.
+fine-tune), their FID, and masked-reconstruction pictures.
 
     python sample.py                                          # newest runs/*/ckpt.pt, 64 samples
     python sample.py --ckpt runs/umd-small-p2-ft/ckpt.pt --cfg-scale 2   # one row per class
+    python sample.py --ckpt runs/umd-small-p2-ft/ckpt.pt --cfg-scale 2 --fid 10000   # FID-10k
     python sample.py --reconstruct                            # masked / noised inputs and predictions
+
+References:
+  DDIM: Song et al., arXiv 2010.02502; classifier-free guidance: Ho & Salimans, arXiv 2207.12598
+  the official sampler: github.com/philippe-eecs/small-vision, big_vision/gaussian_diffusion.py
+      (ddim_sample: eta 1, x0 clipped) and big_vision/trainers/train_ae.py (guided calls)
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +24,7 @@ from tqdm import tqdm
 
 from corruption import cosine_alphas_cumprod, q_sample, random_masking
 from data import DataError, load_dataset, to_float
-from model import CheckpointError, load_checkpoint, unpatchify
+from model import CLEAN, CheckpointError, load_checkpoint, time_input, unpatchify
 
 
 # ---------------------------------------------------------------------------- DDIM
@@ -40,9 +47,9 @@ def ddim_step(x, eps, abar, abar_next, eta=1.0, noise=None):
 
 
 def guided(model, x, t, y=None, cfg_scale=None):
-    """Model output at diffusion step t (time input t + 1). With cfg_scale s, the conditional and
-    unconditional halves run as one batch: out = uncond + s * (cond - uncond)."""
-    time_in = torch.full((len(x),), t + 1, dtype=torch.long, device=x.device)
+    """Model output at diffusion step t. With cfg_scale s, the conditional and unconditional halves
+    run as one batch: out = uncond + s * (cond - uncond)."""
+    time_in = torch.full((len(x),), time_input(t), dtype=torch.long, device=x.device)
     if cfg_scale is None or y is None:
         return model(x, time_in, y)
     null = torch.full_like(y, model.num_classes)
@@ -53,7 +60,7 @@ def guided(model, x, t, y=None, cfg_scale=None):
 @torch.no_grad()
 def ddim_sample(model, shape, steps=125, y=None, cfg_scale=None, eta=1.0, generator=None, progress=False):
     """Samples in [-1, 1]: DDIM with eta (1.0 by default) over `steps` strided steps, eps head,
-    then the x0 prediction of a final call at t = 0 (method.md section 3)."""
+    then the x0 prediction of a final call at t = 0 (the official sampler)."""
     dev = next(model.parameters()).device if isinstance(model, torch.nn.Module) else None
     abar = cosine_alphas_cumprod().tolist()
     C = shape[1]
@@ -97,7 +104,7 @@ def reconstruction_rows(model, x0, ts=(100, 300, 500, 800), seed=0):
     B, C, p, L = x0.shape[0], x0.shape[1], model.patch_size, model.num_patches
     pix = lambda m: unpatchify(m[:, :, None].expand(-1, -1, p * p * C), p, C)  # [B, L] -> pixel mask
     ids_keep, mask, ids_restore = random_masking(B, L, 0.75, x0.device, g)
-    out = model(x0, torch.zeros(B, dtype=torch.long, device=x0.device), None, ids_keep, ids_restore)[:, :C]
+    out = model(x0, torch.full((B,), CLEAN, device=x0.device), None, ids_keep, ids_restore)[:, :C]
     m = pix(mask)
     cols = [x0, x0 * (1 - m), x0 * (1 - m) + out * m]
     abar = cosine_alphas_cumprod().to(x0.device)
@@ -105,12 +112,66 @@ def reconstruction_rows(model, x0, ts=(100, 300, 500, 800), seed=0):
         tt = torch.full((B,), t, device=x0.device)
         x_t = q_sample(x0, tt, torch.randn(x0.shape, device=x0.device, generator=g), abar)
         ids_keep, mask, ids_restore = random_masking(B, L, 0.375, x0.device, g)
-        out = model(x_t, tt + 1, None, ids_keep, ids_restore)
+        out = model(x_t, time_input(tt), None, ids_keep, ids_restore)
         a = abar[t].float()
         from_eps = (x_t - (1 - a).sqrt() * out[:, C:]) / a.sqrt()
         m = pix(mask)
         cols += [x_t * (1 - m), (from_eps * (1 - m) + out[:, :C] * m).clamp(-1, 1)]
     return torch.stack(cols, 1).flatten(0, 1), len(cols)  # row-major: one row per image
+
+
+# ---------------------------------------------------------------------------- many samples
+def class_labels(model, n, class_label=None):
+    """The labels of n samples: None (unconditional), one class, or an equal number per class
+    (n // classes each, in class order)."""
+    if model.num_classes is None:
+        return None
+    if class_label is not None:
+        return torch.full((n,), class_label)
+    return torch.arange(model.num_classes).repeat_interleave(max(1, n // model.num_classes))
+
+
+def generate(model, labels, n, steps=125, cfg_scale=None, eta=1.0, seed=0, batch_size=256, desc="sampling"):
+    """n samples in [-1, 1] (float, on the CPU), batch by batch, with one progress bar over all of
+    them. One generator, seeded once: the seed and the batch size fix every sample."""
+    dev = next(model.parameters()).device
+    S, C = model.config["img_size"], model.channels
+    g = torch.Generator(dev).manual_seed(seed)
+    chunks = []
+    with tqdm(total=n, desc=desc, unit="img", disable=n <= batch_size) as bar:
+        for s in range(0, n, batch_size):
+            b = min(batch_size, n - s)
+            y = None if labels is None else labels[s:s + b].to(dev)
+            with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+                chunks.append(ddim_sample(model, (b, C, S, S), steps, y, cfg_scale, eta, g, progress=n <= batch_size).cpu())
+            bar.update(b)
+    return torch.cat(chunks)
+
+
+def fid_reference(args):
+    """The Inception network and CIFAR-10 train's statistics (tools/fid.py; cached beside the
+    data), loaded before sampling so that a missing network or dataset fails at once."""
+    from tools.fid import FIDError, Inception, stats_of
+    try:
+        net = Inception(args.inception, "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+        return net, stats_of("cifar10-train", args.data_dir, net)
+    except (FIDError, DataError) as e:
+        fail(str(e))
+
+
+def write_fid(samples, net, reference, args, ckpt_path, ckpt, seconds):
+    """FID of uint8 samples [N, H, W, C] against the reference, written as JSON beside the checkpoint."""
+    from tools.fid import frechet_distance, statistics
+    mu, sigma = statistics(torch.from_numpy(samples).permute(0, 3, 1, 2), net, desc="Inception features (samples)")
+    value = frechet_distance(mu, sigma, reference[0], reference[1])
+    guidance = "" if args.cfg_scale is None else f"-cfg{args.cfg_scale:g}"
+    path = ckpt_path.parent / f"fid-{len(samples)}-steps{args.steps}{guidance}.json"
+    path.write_text(json.dumps(dict(
+        fid=value, n=len(samples), reference="cifar10-train", n_reference=reference[2], steps=args.steps,
+        eta=args.eta, cfg_scale=args.cfg_scale, seed=args.seed, ckpt=str(ckpt_path), ckpt_step=ckpt.get("step"),
+        weights="raw" if args.raw or ckpt.get("ema") is None else "EMA", network_sha256=net.sha256,
+        sampling_seconds=seconds), indent=2) + "\n")
+    return value, path
 
 
 # ---------------------------------------------------------------------------- command line
@@ -137,9 +198,13 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="fixes the starting noise, the sampler noise and the masks")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
     p.add_argument("--out", help="PNG to write (default: samples.png / reconstruction.png in the run folder)")
-    p.add_argument("--npz", help="also save the raw uint8 samples [N, H, W, C] and labels here (for FID tools)")
+    p.add_argument("--npz", help="also save the raw uint8 samples [N, H, W, C] and labels here (for tools/fid.py)")
+    p.add_argument("--fid", type=int, metavar="N", help="sample N images (an equal number per class for a "
+                   "conditional checkpoint) and score their FID against CIFAR-10 train (tools/fid.py); the "
+                   "number goes to fid-N-steps<S>[-cfg<s>].json beside the checkpoint; the PNG shows the first ones")
+    p.add_argument("--inception", help="--fid: the Inception TorchScript file (else as tools/fid.py finds it)")
     p.add_argument("--reconstruct", action="store_true", help="masked-reconstruction picture of test images instead")
-    p.add_argument("--data-dir", default="./data", help="--reconstruct: the dataset folder (default ./data)")
+    p.add_argument("--data-dir", default="./data", help="--reconstruct and --fid: the dataset folder (default ./data)")
     p.add_argument("--raw", action="store_true", help="use the raw weights even when the checkpoint has an EMA")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default auto: cuda when available")
     args = p.parse_args()
@@ -155,8 +220,8 @@ def main():
     k = model.num_classes
     if not 1 <= args.steps <= 1000:
         fail(f"--steps {args.steps}: use 1..1000 DDIM steps")
-    if args.n < 1 or args.batch_size < 1:
-        fail("--n and --batch-size must be positive")
+    if args.n < 1 or args.batch_size < 1 or (args.fid is not None and args.fid < 2):
+        fail("--n and --batch-size must be positive, --fid at least 2")
     if not 0 <= args.eta <= 1:
         fail(f"--eta {args.eta}: use 0 (deterministic DDIM) .. 1 (the default, as the official sampler)")
     if k is None and (args.cfg_scale is not None or args.class_label is not None):
@@ -164,6 +229,8 @@ def main():
              "labels (train.py --finetune)")
     if args.class_label is not None and not 0 <= args.class_label < k:
         fail(f"--class-label {args.class_label} is out of range: the checkpoint has classes 0..{k - 1}")
+    if args.fid is not None and args.reconstruct:
+        fail("--fid scores samples; drop --reconstruct")
     weights = "EMA" if ckpt.get("ema") is not None and not args.raw else "raw"
     print(f"checkpoint {ckpt_path} ({weights} weights, step {ckpt.get('step')}, "
           f"{'conditional' if k else 'unconditional'})", file=sys.stderr)
@@ -183,29 +250,31 @@ def main():
               f"(noised + masked 37.5%, x0 prediction) at t = 100, 300, 500, 800")
         return
 
-    C, S = model.channels, model.config["img_size"]
-    if k is None:
-        labels, ncol = None, max(1, int(args.n ** 0.5))
-    elif args.class_label is not None:
-        labels, ncol = torch.full((args.n,), args.class_label), max(1, int(args.n ** 0.5))
-    else:  # one row per class
-        per = max(1, args.n // k)
-        labels, ncol = torch.arange(k).repeat_interleave(per), per
-    n = args.n if labels is None else len(labels)
-    g = torch.Generator(device).manual_seed(args.seed)
-    chunks = []
-    for s in tqdm(range(0, n, args.batch_size), desc="batches", disable=n <= args.batch_size):
-        y = None if labels is None else labels[s:s + args.batch_size].to(device)
-        b = min(args.batch_size, n - s)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            chunks.append(ddim_sample(model, (b, C, S, S), args.steps, y, args.cfg_scale, args.eta, g, progress=True).cpu())
-    samples = torch.cat(chunks)
-    size = save_grid(samples, out, ncol)
+    if args.fid is not None:
+        net, reference = fid_reference(args)
+        start = time.time()
+    n = args.fid or args.n
+    labels = class_labels(model, n, args.class_label)
+    n = n if labels is None else len(labels)
+    samples = generate(model, labels, n, args.steps, args.cfg_scale, args.eta, args.seed, args.batch_size)
+    seconds = time.time() - start
+    # the picture: one row per class (at most 10 of each), or a square of at most 100
+    if labels is not None and args.class_label is None:
+        per = n // k
+        ncol = min(per, 10)
+        shown = samples.view(k, per, *samples.shape[1:])[:, :ncol].flatten(0, 1)
+    else:
+        shown = samples[:100]
+        ncol = max(1, int(len(shown) ** 0.5))
+    size = save_grid(shown, out, ncol)
     if args.npz:
         np.savez(args.npz, samples=to_uint8(samples), labels=np.array([] if labels is None else labels.numpy()))
     guidance = f", cfg scale {args.cfg_scale:g}" if args.cfg_scale is not None else ""
     print(f"wrote {out} ({size[1]}x{size[0]} px): {n} samples, {args.steps} DDIM steps{guidance}, "
-          f"{time.time() - start:.1f}s" + (f"; raw samples in {args.npz}" if args.npz else ""))
+          f"{seconds:.1f}s" + (f"; raw samples in {args.npz}" if args.npz else ""))
+    if args.fid is not None:
+        value, path = write_fid(to_uint8(samples), net, reference, args, ckpt_path, ckpt, seconds)
+        print(f"FID-{n} against CIFAR-10 train: {value:.2f} ({path}; {time.time() - start:.0f}s in all)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """Pre-train UMD (or MAE, DiT, MaskDiT: settings of the same step) on CIFAR-10, or fine-tune a
 pre-trained checkpoint into a class-conditional generator.
 
-    python train.py --dataset cifar10                      # UMD, small/2, the official recipe
-    python train.py --model tiny --patch-size 4 --batch-size 128 --epochs 4 --device cpu
+    python train.py --dataset cifar10                      # UMD; the GPU recipe with CUDA, else the CPU one
+    python train.py --method dit --recipe gpu              # another method, the official recipe
     python train.py --finetune runs/umd-small-p2/ckpt.pt   # class-conditional fine-tune
     python train.py --resume --out runs/umd-small-p2       # continue exactly where it stopped
     torchrun --nproc_per_node 8 train.py                   # several GPUs (DDP)
+
+References:
+  UMD: arXiv 2406.17688; the official recipe: github.com/philippe-eecs/small-vision,
+      big_vision/configs/ae_i1k.py and big_vision/trainers/train_ae.py
+  the loop's shape: github.com/facebookresearch/DiT train.py, github.com/karpathy/nanoGPT train.py
 """
 import argparse
 import contextlib
@@ -23,127 +28,19 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from config import ConfigError, get_args, resolve
 from corruption import cosine_alphas_cumprod, noise_free_share, umd_loss
-from data import Batches, DataError, derive_seed, load_dataset_once, to_float
-from model import SIZES, CheckpointError, UMDModel, no_decay, read_checkpoint
+from data import Batches, DataError, Stream, derive_seed, load_dataset_once, to_float
+from model import CheckpointError, UMDModel, no_decay, read_checkpoint, save_atomic
 from probe import QuickProbe
 from sample import reconstruction_rows, save_grid
 
-# Every method is a setting of the one UMD step (method.md section 1).
-METHODS = {
-    "umd": dict(r_t0=0.5, mask_ratio_t0=0.75, mask_ratio=0.375),
-    "mae": dict(r_t0=1.0, mask_ratio_t0=0.75, mask_ratio=0.0),
-    "dit": dict(r_t0=0.0, mask_ratio_t0=0.75, mask_ratio=0.0),
-    "maskdit": dict(r_t0=0.0, mask_ratio_t0=0.75, mask_ratio=0.5),
-}
-# Recipes (method.md section 4). warmup_epochs None = 5% of the epochs (fine-tune: 4%, i.e. 2 of 50).
-PRETRAIN = dict(epochs=800, batch_size=1024, lr=1.5e-4, beta2=0.95, weight_decay=0.05, warmup_epochs=None,
-                min_area=0.8, label_dropout=0.0, ema_decay=0.9999)
-FINETUNE = dict(epochs=50, batch_size=256, lr=1.5e-4, beta2=0.999, weight_decay=0.0, warmup_epochs=None,
-                min_area=0.95, label_dropout=0.1, ema_decay=0.9999, mask_ratio=0.0)
-# On --resume these come from the command line; everything else comes from the saved run.
-RUNTIME = ("max_steps", "log_every", "device", "compile", "amp", "probe_every", "ckpt_minutes", "data_dir")
-
 
 class TrainError(Exception):
-    """A run that cannot start or go on (bad flags, a non-finite loss): one line, exit status 2."""
+    """A run that cannot start or go on (data too small, a non-finite loss): one line, exit 2."""
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--dataset", choices=["cifar10", "folder"], default="cifar10", help="cifar10, or folder: --data-dir/<class>/<image>")
-    a("--data-dir", default="./data", help="where cifar-10-batches-py lives or is downloaded (default ./data)")
-    a("--img-size", type=int, default=32, help="image size for --dataset folder (default 32)")
-    a("--method", choices=list(METHODS), default=None, help="loss preset (default umd; on --finetune, the checkpoint's)")
-    a("--model", choices=list(SIZES), default=None, help="network size (default small)")
-    a("--patch-size", type=int, default=None, help="patch size (default 2: a 16x16 grid on CIFAR-10)")
-    a("--r-t0", type=float, default=None, help="fraction of each batch on the noise-free step (umd 0.5)")
-    a("--mask-ratio", type=float, default=None, help="patches dropped on noisy steps (umd 0.375)")
-    a("--mask-ratio-t0", type=float, default=None, help="patches dropped on the noise-free step (0.75)")
-    a("--epochs", type=float, default=None, help="length of the schedule (800; fine-tune 50)")
-    a("--max-steps", type=int, default=None, help="stop after global step N (the lr schedule still follows --epochs)")
-    a("--batch-size", type=int, default=None, help="global batch size (1024; fine-tune 256)")
-    a("--lr", type=float, default=None, help="peak learning rate per 256 images (1.5e-4)")
-    a("--warmup-epochs", type=float, default=None, help="linear warm-up (5%% of the epochs; fine-tune 4%%: 2 of 50)")
-    a("--weight-decay", type=float, default=None, help="AdamW weight decay (0.05; fine-tune 0)")
-    a("--beta2", type=float, default=None, help="AdamW beta2 (0.95; fine-tune 0.999)")
-    a("--min-area", type=float, default=None, help="random-resized crop: smallest area fraction (0.8; fine-tune 0.95)")
-    a("--ema-decay", type=float, default=None, help="EMA of the weights (0.9999, warmed up as min(d, (1+s)/(10+s)))")
-    a("--label-dropout", type=float, default=None, help="fine-tune: labels dropped to null for guidance (0.1)")
-    a("--grad-clip", type=float, default=1.0, help="gradient norm clip (1.0)")
-    a("--finetune", metavar="CKPT", help="class-conditional fine-tune from this pre-trained checkpoint")
-    a("--out", help="run directory (default runs/<method>-<model>-p<patch>[-ft])")
-    a("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    a("--seed", type=int, default=0, help="fixes init, data order, augmentation, masks, noise and t")
-    a("--log-every", type=int, default=None, help="steps between log lines (default 50)")
-    a("--probe-every", type=float, default=None, help="epochs between few-shot ridge probes (default 10; 0 = off)")
-    a("--ckpt-minutes", type=float, default=None, help="minutes between checkpoints (default 10)")
-    a("--device", choices=["auto", "cuda", "cpu"], default=None, help="default auto: cuda when available")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on with CUDA)")
-    a("--amp", choices=["bf16", "fp16", "off"], default=None, help="autocast (default bf16 on CUDA, off on CPU)")
-    return p.parse_args(argv)
-
-
-def resolve(args):
-    """Fill unset flags: from the saved run (--resume), else from the method preset and recipe."""
-    out = Path(args.out) if args.out else None
-    if args.resume:
-        if out is None:
-            raise TrainError("--resume needs --out, the run directory to continue")
-        if not (out / "ckpt.pt").exists():
-            raise TrainError(f"--resume: no checkpoint at {out / 'ckpt.pt'}; start the run without --resume")
-        saved = read_checkpoint(out / "ckpt.pt")["config"].get("train")
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"{out / 'ckpt.pt'} holds no training settings: it was not written by train.py")
-        cli = vars(args)
-        runtime = {k: cli[k] for k in RUNTIME if cli[k] is not None or k == "max_steps"}
-        return argparse.Namespace(**{**saved, **runtime, "out": str(out), "resume": True})
-    pre = None
-    if args.finetune:
-        if args.model or args.patch_size:
-            raise TrainError("--model and --patch-size come from the --finetune checkpoint; drop them")
-        pre = read_checkpoint(args.finetune)["config"]
-        args.method = args.method or pre.get("train", {}).get("method", "umd")
-        args.model, args.patch_size = pre["model"]["size"], pre["model"]["patch_size"]
-    args.method = args.method or "umd"
-    args.model, args.patch_size = args.model or "small", args.patch_size or 2
-    preset = {**METHODS[args.method], **(PRETRAIN if pre is None else FINETUNE)}
-    if pre is not None:
-        preset["r_t0"] = 0.05 if args.method in ("umd", "mae") else 0.0
-    for k, v in preset.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.warmup_epochs is None:
-        args.warmup_epochs = (0.05 if pre is None else 0.04) * args.epochs
-    defaults = dict(log_every=50, probe_every=10.0, ckpt_minutes=10.0, device="auto")
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    name = f"{args.method}-{args.model}-p{args.patch_size}" + ("-ft" if pre else "")
-    args.out = str(out or Path("runs") / name)
-    if (Path(args.out) / "ckpt.pt").exists():
-        raise TrainError(f"{args.out} already holds a run; pass --resume to continue it or --out for a new one")
-    if not 0 <= args.r_t0 <= 1 or not 0 <= args.mask_ratio < 1 or not 0 <= args.mask_ratio_t0 < 1:
-        raise TrainError("--r-t0 must be in [0, 1] and the mask ratios in [0, 1)")
-    if args.r_t0 > 0 and args.mask_ratio_t0 == 0:
-        raise TrainError("the noise-free step (--r-t0 > 0) needs --mask-ratio-t0 > 0: it predicts masked patches")
-    if args.epochs <= 0 or args.batch_size <= 0 or args.lr <= 0 or args.log_every <= 0:
-        raise TrainError("--epochs, --batch-size, --lr and --log-every must be positive")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise TrainError("--max-steps must be at least 1")
-    if args.patch_size < 1 or args.img_size % args.patch_size:
-        raise TrainError(f"--patch-size {args.patch_size} must divide the image size {args.img_size} (e.g. 2, 4, 8)")
-    return args
-
-
-def _parse(line):  # a log line, or None for a half-written one (a crash mid-write)
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
+# ----------------------------------------------------------------------------- setup
 def setup_device(args):
     """(device, rank, world). Under torchrun: one process per GPU (NCCL), or gloo on CPUs."""
     cuda = torch.cuda.is_available()
@@ -161,19 +58,102 @@ def setup_device(args):
     return torch.device("cpu"), rank, world
 
 
-def save_atomic(obj, path):
-    """Write to a temp file, fsync, rename: a crash never leaves a half-written checkpoint."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f) if not isinstance(obj, str) else f.write(obj.encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(Path(path).parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def build(args, ds, device, resumed):
+    """The network (fresh, pre-trained + a fresh label embedding, or resumed), its EMA, AdamW."""
+    torch.manual_seed(derive_seed(args.seed, Stream.INIT))
+    source = Path(args.out) / "ckpt.pt" if resumed is not None else args.finetune
+    try:  # a checkpoint whose config or weights cannot make a model: one clear line
+        if resumed is not None:  # the weights are loaded below, with the optimizer
+            model = UMDModel(**resumed["config"]["model"])
+        elif args.finetune:  # pre-trained weights + a fresh label embedding (num_classes + 1 rows)
+            pre = read_checkpoint(args.finetune)
+            model = UMDModel(**{**pre["config"]["model"], "num_classes": ds.num_classes})
+            label = ("y_embed.", "y_mlp.")
+            missing, unexpected = model.load_state_dict(
+                {k: v for k, v in pre["model"].items() if not k.startswith(label)}, strict=False)
+            if unexpected or any(not k.startswith(label) for k in missing):
+                raise ValueError("its weights do not match its model config")
+        else:
+            model = UMDModel(args.model, args.patch_size, ds.train_x.shape[-1], ds.train_x.shape[1])
+    except (RuntimeError, TypeError, ValueError) as e:  # RuntimeError: a weight of the wrong shape
+        raise CheckpointError(f"{source}: cannot build its model ({str(e).splitlines()[0]})")
+    if model.config["img_size"] != ds.train_x.shape[-1]:
+        raise TrainError(f"the model takes {model.config['img_size']}px images but the data are {ds.train_x.shape[-1]}px")
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # the fine-tune EMA starts at the loaded weights
+    groups = [dict(params=[p for n, p in model.named_parameters() if not no_decay(n)], weight_decay=args.weight_decay),
+              dict(params=[p for n, p in model.named_parameters() if no_decay(n)], weight_decay=0.0)]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        ema.load_state_dict(resumed["ema"])
+        opt.load_state_dict(resumed["optimizer"])
+    return model, ema, opt
+
+
+def wrap(model, args, device, world, use_compile, n0_smallest):
+    """DDP (several processes) and torch.compile around the same weights."""
+    if world > 1:
+        # DDP waits in backward for a gradient of every parameter; one that gets none (the mask
+        # token, when nothing is masked and a rank has no noise-free images: the last rank has the
+        # smallest share) makes it fail. find_unused_parameters copes, at the cost of a graph walk
+        # per step: only then.
+        unused = n0_smallest == 0 and args.mask_ratio == 0
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+    if use_compile:  # static shapes: each group of a UMD step has a fixed token count, so 2 graphs
+        model = torch.compile(model, dynamic=False)
+    return model
+
+
+def lr_at(step, total, warmup, peak):
+    """Linear warm-up, then cosine decay to 0 at the end of the schedule."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def ema_decay_at(step, args):
+    """Pre-training (ours; the official code keeps no EMA there): warmed up as
+    min(decay, (1 + step) / (10 + step)), so that short runs still average recent weights.
+    Fine-tune (official): the fixed decay from the first step."""
+    return min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
+
+
+@torch.no_grad()
+def update_ema(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * params, as one fused update over all tensors."""
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+class LossMeter:
+    """Sums of the losses since the last log point, kept on the device, and the first step whose
+    loss was not finite: read() is the one place where the host waits for the device."""
+
+    def __init__(self, device):
+        self.zero = torch.zeros((), device=device)
+        self.sums = torch.zeros(3, device=device)  # loss, loss_t0, loss_t
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.restart()
+
+    def restart(self):
+        """Start a new log interval (probes and checkpoints are not training time)."""
+        self.sums.zero_()
+        self.steps, self.start = 0, time.time()
+
+    @torch.no_grad()
+    def add(self, step, loss, stats):
+        loss = loss.detach()
+        self.sums += torch.stack([loss, stats.get("loss_t0", self.zero), stats.get("loss_t", self.zero)])
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), step + 1, self.bad_step)
+        self.steps += 1
+
+    def read(self, world):
+        """(mean loss, loss_t0, loss_t over the interval and the ranks, steps, seconds, bad step)."""
+        if world > 1:
+            dist.all_reduce(self.sums)
+            dist.all_reduce(self.bad_step, op=dist.ReduceOp.MAX)
+            self.sums /= world
+        return (self.sums / self.steps).tolist(), self.steps, time.time() - self.start, self.bad_step.item()
 
 
 @contextlib.contextmanager
@@ -194,202 +174,180 @@ def stop_on_signal():
             signal.signal(s, h)
 
 
-def lr_at(step, total, warmup, peak):
-    """Linear warm-up, then cosine decay to 0 at the end of --epochs."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+def save_checkpoint(path, model, ema, opt, scaler, step, steps_per_epoch, args):
+    """Everything --resume needs, and a config that rebuilds the model with no flags."""
+    save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
+                 "epoch": step / steps_per_epoch, "config": {"model": model.config, "train": vars(args)}}, path)
 
 
-def build(args, ds, device, ckpt):
-    """The network (fresh, fine-tune init, or resumed), its EMA, and AdamW."""
-    torch.manual_seed(derive_seed(args.seed, 6))
-    source = Path(args.out) / "ckpt.pt" if ckpt is not None else args.finetune
-    try:  # a checkpoint whose config or weights cannot make a model: one clear line
-        if ckpt is not None:  # resume: the weights are loaded below, with the optimizer
-            model = UMDModel(**ckpt["config"]["model"])
-        elif args.finetune:  # pre-trained weights + a fresh label embedding (num_classes + 1 rows)
-            pre = read_checkpoint(args.finetune)
-            model = UMDModel(**{**pre["config"]["model"], "num_classes": ds.num_classes})
-            label = ("y_embed.", "y_mlp.")
-            missing, unexpected = model.load_state_dict(
-                {k: v for k, v in pre["model"].items() if not k.startswith(label)}, strict=False)
-            if unexpected or any(not k.startswith(label) for k in missing):
-                raise ValueError("its weights do not match its model config")
-    except (RuntimeError, TypeError, ValueError) as e:  # RuntimeError: a weight of the wrong shape
-        raise CheckpointError(f"{source}: cannot build its model ({str(e).splitlines()[0]})")
-    if ckpt is None and not args.finetune:  # flags were checked in resolve()
-        model = UMDModel(args.model, args.patch_size, ds.train_x.shape[-1], ds.train_x.shape[1])
-    if model.config["img_size"] != ds.train_x.shape[-1]:
-        raise TrainError(f"the model takes {model.config['img_size']}px images but the data are {ds.train_x.shape[-1]}px")
-    model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    groups = [dict(params=[p for n, p in model.named_parameters() if not no_decay(n)], weight_decay=args.weight_decay),
-              dict(params=[p for n, p in model.named_parameters() if no_decay(n)], weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-    return model, ema, opt
+def start_run_dir(out, info, step, resumed):
+    """config.json, and the log: empty for a new run (an earlier attempt may have left one), and
+    on resume without the lines written after the checkpoint."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_atomic(json.dumps(info, indent=2) + "\n", out / "config.json")
+    log = out / "log.jsonl"
+    records = [r for r in map(parse_log_line, log.read_text().splitlines()) if r and r["step"] <= step] \
+        if resumed and log.exists() else []
+    save_atomic("".join(json.dumps(r) + "\n" for r in records), log)
 
 
+def write_log(f, rec):
+    f.write(json.dumps(rec) + "\n")
+    f.flush()
+
+
+def parse_log_line(line):  # a log record, or None for a half-written one (a crash mid-write)
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+# ----------------------------------------------------------------------------- training
 def train(args):
+    auto_recipe = args.recipe in (None, "auto") and not args.resume
     args = resolve(args)
+
+    # Setup the device and DDP; compile and AMP are decided for the machine the run is on now
     device, rank, world = setup_device(args)
-    main_proc, out = rank == 0, Path(args.out)
-    say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if main_proc else (lambda *a: None)
-    # resolved here and not stored in args: a resumed run decides again for the machine it is on
+    main_process, out = rank == 0, Path(args.out)
+    say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if main_process else (lambda *a: None)
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     amp = args.amp or ("off" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if amp == "fp16" and device.type == "cpu":
         raise TrainError("--amp fp16 needs CUDA; use --amp bf16 or off on the CPU")
-    ds = load_dataset_once(args.dataset, args.data_dir, args.img_size, rank, world)
-    ckpt = read_checkpoint(out / "ckpt.pt", device) if args.resume else None
-    model, ema, opt = build(args, ds, device, ckpt)
-    conditional = model.num_classes is not None
-    batches = Batches(ds.train_x, ds.train_y, args.batch_size, args.seed, device, args.min_area, rank, world)
-    spe = batches.steps_per_epoch
-    total = round(args.epochs * spe)
-    if total < 1:
-        raise TrainError(f"--epochs {args.epochs} is less than one step of {spe} per epoch; train longer")
-    stop_at = min(total, args.max_steps) if args.max_steps is not None else total
-    warmup, peak_lr = round(args.warmup_epochs * spe), args.lr * args.batch_size / 256
-    step = ckpt["step"] if ckpt else 0
-    alphas_cumprod = cosine_alphas_cumprod().to(device)
-
-    n0 = noise_free_share(args.batch_size, args.r_t0, rank, world)
-    # a rank with no noise-free image and no masking (dit / maskdit fine-tunes) never uses the mask
-    # token; the last rank has the smallest share
-    unused = noise_free_share(args.batch_size, args.r_t0, world - 1, world) == 0 and args.mask_ratio == 0
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-              find_unused_parameters=unused) if world > 1 else model
-    if use_compile:  # static shapes: the two groups of a step have fixed token counts
-        net = torch.compile(net, dynamic=False)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    if ckpt and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    gen = torch.Generator(device)
+
+    # Load the data; every step's batch is rebuilt from (seed, step) alone (data.py Batches)
+    ds = load_dataset_once(args.dataset, args.data_dir, args.img_size, rank, world)
+    batches = Batches(ds.train_x, ds.train_y, args.batch_size, args.seed, device, args.min_area, rank, world)
+    steps_per_epoch = batches.steps_per_epoch
+    total_steps = round(args.epochs * steps_per_epoch)
+    if total_steps < 1:
+        raise TrainError(f"--epochs {args.epochs} is less than one step of {steps_per_epoch} per epoch; train longer")
+    stop_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
+    warmup_steps, peak_lr = round(args.warmup * total_steps), args.lr * args.batch_size / 256
+
+    # Create the model, its EMA and the optimizer
+    resumed = read_checkpoint(out / "ckpt.pt", device) if args.resume else None
+    model, ema, opt = build(args, ds, device, resumed)
+    step = resumed["step"] if resumed else 0
+    conditional = model.num_classes is not None
+    n0 = noise_free_share(args.batch_size, args.r_t0, rank, world)  # this rank's noise-free images
+    net = wrap(model, args, device, world, use_compile, noise_free_share(args.batch_size, args.r_t0, world - 1, world))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # loss scaling, for fp16 only
+    if resumed and resumed.get("scaler"):
+        scaler.load_state_dict(resumed["scaler"])
+    alphas_cumprod = cosine_alphas_cumprod().to(device)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    probe = QuickProbe(ds) if main_proc and args.probe_every > 0 else None
-    probe_t = 50 if args.r_t0 == 0 else None  # dit/maskdit never see clean images: read x_t at t=50
-    probe_steps = max(1, round(args.probe_every * spe)) if probe else 0
+    gen = torch.Generator(device)
+    probe = QuickProbe(ds) if main_process and args.probe_every > 0 else None
+    probe_t = 50 if args.r_t0 == 0 else None  # dit/maskdit never see clean images: read x_t at t = 50
+    probe_steps = max(1, round(args.probe_every * steps_per_epoch)) if probe else 0
 
-    def checkpoint():
-        return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step, "epoch": step / spe,
-                "config": {"model": model.config, "train": vars(args)}}
-
-    if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
+    # Start the run directory and say what runs
+    n_params = sum(p.numel() for p in params)
+    if main_process:
         info = dict(vars(args), compile=use_compile, amp=amp, world_size=world, device=str(device),
-                    steps_per_epoch=spe, total_steps=total, params=sum(p.numel() for p in params),
-                    torch=torch.__version__)
-        save_atomic(json.dumps(info, indent=2) + "\n", out / "config.json")
-        if args.resume and (out / "log.jsonl").exists():  # drop lines logged after the checkpoint was written
-            records = [r for r in map(_parse, (out / "log.jsonl").read_text().splitlines()) if r and r["step"] <= step]
-            save_atomic("".join(json.dumps(r) + "\n" for r in records), out / "log.jsonl")
-        say(f"{args.method}: {model.config['size']}/p{model.config['patch_size']}, {info['params'] / 1e6:.2f}M params, "
-            f"{'conditional, ' if conditional else ''}batch {args.batch_size} on {world}x {device}, amp {amp}, "
-            f"compile {use_compile}; steps {step} -> {stop_at} of {total} ({spe}/epoch); writing {out}")
-    log_file = open(out / "log.jsonl" if main_proc else os.devnull, "a")
+                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, params=n_params, torch=torch.__version__)
+        start_run_dir(out, info, step, args.resume)
+    if auto_recipe and args.recipe == "cpu":
+        say(f"no CUDA device: the CPU {'fine-tune ' if args.finetune else ''}recipe ({args.model}/p{args.patch_size}, "
+            f"batch {args.batch_size}, {args.epochs:g} epochs; README \"Measured here\"); --recipe gpu for the official one")
+    say(f"{args.method}: {args.model}/p{args.patch_size}, {n_params / 1e6:.2f}M params, "
+        f"{'conditional, ' if conditional else ''}batch {args.batch_size} on {world}x {device}, peak lr {peak_lr:.3g}, "
+        f"amp {amp}, compile {use_compile}; steps {step} -> {stop_step} of {total_steps} ({steps_per_epoch}/epoch); "
+        f"writing {out}")
+    log_file = open(out / "log.jsonl" if main_process else os.devnull, "a")
+    if probe and step == 0:  # the untrained network and raw pixels: the numbers to beat
+        write_log(log_file, {"step": 0, "epoch": 0.0, **probe.report(model, ema, probe_t, 0)})
 
-    def write_log(rec):
-        log_file.write(json.dumps(rec) + "\n")
-        log_file.flush()
-
-    def run_probe(rec):  # in-place: adds the probe numbers to this step's log record
-        t0 = time.time()
-        if step == 0:
-            rec["probe_pixels"] = probe()
-        rec["probe"] = probe(model, probe_t)
-        rec["probe_ema"] = probe(ema, probe_t)
-        say(f"step {step}: {probe.train_y.numel()}-image ridge probe {100 * rec['probe']:.2f}% (EMA "
-            f"{100 * rec['probe_ema']:.2f}%{', pixels %.2f%%' % (100 * rec['probe_pixels']) if 'probe_pixels' in rec else ''}"
-            f"{', t=50' if probe_t else ''}) in {time.time() - t0:.1f}s")
-
+    # Train
+    meter, saved_step, last_save, last_loss = LossMeter(device), step if resumed else None, time.time(), float("nan")
+    bar = tqdm(total=stop_step, initial=step, disable=not main_process, desc=out.name, unit="step", dynamic_ncols=True)
     with stop_on_signal() as stop, log_file:
-        if probe and step == 0:  # the untrained network and raw pixels: the numbers to beat
-            rec = {"step": 0, "epoch": 0.0}
-            run_probe(rec)
-            write_log(rec)
-        zero = torch.zeros((), device=device)
-        sums = torch.zeros(3, device=device)  # loss, loss_t0, loss_t since the last log (no per-step sync)
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        n_logged, t_log, t_ckpt, last_loss = 0, time.time(), time.time(), float("nan")
-        bar = tqdm(total=stop_at, initial=step, disable=not main_proc, desc=out.name, unit="step", dynamic_ncols=True)
-        while step < stop_at:
-            lr = lr_at(step, total, warmup, peak_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            gen.manual_seed(derive_seed(args.seed, 1, step, rank))
-            x0, y = batches.get(step, gen)
-            with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-                loss, stats = umd_loss(net, x0, r_t0=args.r_t0, n0=n0, mask_ratio=args.mask_ratio,
-                                       mask_ratio_t0=args.mask_ratio_t0, alphas_cumprod=alphas_cumprod, y=y if conditional else None,
-                                       label_dropout=args.label_dropout, generator=gen)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            with torch.no_grad():  # EMA, warmed up so that short runs still get a useful average
-                torch._foreach_lerp_(ema_params, params, 1 - min(args.ema_decay, (1 + step) / (10 + step)))
-                sums += torch.stack([loss.detach(), stats.get("loss_t0", zero), stats.get("loss_t", zero)])
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step + 1, bad_step)
-            step += 1
-            n_logged += 1
-            bar.update(1)
+        try:
+            while step < stop_step:
+                # the step's learning rate and randomness, from (seed, step) alone: resume is exact
+                lr = lr_at(step, total_steps, warmup_steps, peak_lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                gen.manual_seed(derive_seed(args.seed, Stream.STEP, step, rank))
+                x0, y = batches.get(step, gen)
 
-            probe_due = probe_steps and step % probe_steps == 0
-            if not (step % args.log_every == 0 or step == stop_at or probe_due or (stop["signal"] and world == 1)):
-                continue
-            # ---- log point: the only place the host waits for the device
-            if world > 1:
-                flags = torch.tensor([float(stop["signal"])], device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                dist.all_reduce(sums)
-                dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
-                stop["signal"] = bool(flags.item())
-                sums /= world
-            if bad_step.item() >= 0:
-                raise TrainError(f"the loss became non-finite at step {bad_step.item()}; stopped. The last good checkpoint "
-                                 f"({out / 'ckpt.pt'}) is kept; try a lower --lr or --amp off")
-            elapsed = time.time() - t_log
-            s = (sums / n_logged).tolist()
-            rec = {"step": step, "epoch": round(step / spe, 4), "loss": s[0]}
-            rec.update({k: v for k, v in (("loss_t0", s[1]), ("loss_t", s[2])) if k in stats})
-            rec.update(lr=lr, img_per_s=n_logged * args.batch_size / elapsed)
-            last_loss = s[0]
-            if probe and (probe_due or step == stop_at):
-                run_probe(rec)
-            write_log(rec)
-            bar.set_postfix(loss=f"{s[0]:.4f}", img_s=f"{rec['img_per_s']:.0f}")
-            if main_proc and (step == stop_at or stop["signal"] or time.time() - t_ckpt > 60 * args.ckpt_minutes):
-                save_atomic(checkpoint(), out / "ckpt.pt")
-                t_ckpt = time.time()
-            sums.zero_()
-            n_logged, t_log = 0, time.time()  # probe and checkpoint time is not training time
-            if stop["signal"]:
-                bar.close()
-                say(f"interrupted at step {step}: checkpoint saved to {out / 'ckpt.pt'}; continue with --resume --out {out}")
-                return 130
+                # forward: the UMD loss of the noise-free and the mixed group (corruption.py)
+                with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+                    loss, stats = umd_loss(net, x0, r_t0=args.r_t0, n0=n0, mask_ratio=args.mask_ratio,
+                                           mask_ratio_t0=args.mask_ratio_t0, alphas_cumprod=alphas_cumprod,
+                                           y=y if conditional else None, label_dropout=args.label_dropout, generator=gen)
+                # backward, clip, optimizer step, EMA
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                update_ema(ema_params, params, ema_decay_at(step, args))
+                meter.add(step, loss, stats)
+                step += 1
+                bar.update(1)
+
+                # Log (and probe, and save) at log points only. Under DDP every rank must reach
+                # the same log points, so a Ctrl-C is acted on at the next regular one.
+                probe_due = probe_steps and step % probe_steps == 0
+                if not (step % args.log_every == 0 or step == stop_step or probe_due or (stop["signal"] and world == 1)):
+                    continue
+                if world > 1:
+                    flag = torch.tensor([float(stop["signal"])], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop["signal"] = bool(flag.item())
+                (last_loss, loss_t0, loss_t), n_steps, seconds, bad_step = meter.read(world)
+                if bad_step >= 0:
+                    raise TrainError(f"the loss became non-finite at step {bad_step}; stopped. The last good checkpoint "
+                                     f"({out / 'ckpt.pt'}) is kept; try a lower --lr or --amp off")
+                rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss}
+                rec.update({k: v for k, v in (("loss_t0", loss_t0), ("loss_t", loss_t)) if k in stats})
+                rec.update(lr=lr, img_per_s=n_steps * args.batch_size / seconds)
+                if probe and (probe_due or step == stop_step):
+                    rec.update(probe.report(model, ema, probe_t, step))
+                write_log(log_file, rec)
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+
+                # Save
+                if main_process and (step == stop_step or stop["signal"] or time.time() - last_save > 60 * args.ckpt_minutes):
+                    save_checkpoint(out / "ckpt.pt", model, ema, opt, scaler, step, steps_per_epoch, args)
+                    saved_step, last_save = step, time.time()
+                meter.restart()
+                if stop["signal"]:
+                    bar.close()
+                    say(f"interrupted at step {step}: checkpoint saved to {out / 'ckpt.pt'}; continue with --resume --out {out}")
+                    return 130
+        except KeyboardInterrupt:  # a second Ctrl-C: no time to save
+            bar.close()
+            kept = f"{out / 'ckpt.pt'} (step {saved_step}) is kept" if saved_step is not None else "no checkpoint was written yet"
+            print(f"train.py: aborted at step {step} by a second Ctrl-C; {kept}", file=sys.stderr)
+            return 130
     bar.close()
-    if main_proc:  # a picture to look at: masked and noised test images and what the EMA model predicts
+
+    # A picture to look at: masked and noised test images and what the EMA model predicts
+    if main_process:
         grid, ncol = reconstruction_rows(ema, to_float(ds.test_x[:8].to(device)))
         save_grid(grid, out / "reconstruction.png", ncol)
-    say(f"done: step {step} ({step / spe:.2f} epochs), loss {last_loss:.4f}; {out / 'ckpt.pt'}, {out / 'reconstruction.png'}")
+    say(f"done: step {step} ({step / steps_per_epoch:.2f} epochs), loss {last_loss:.4f}; "
+        f"{out / 'ckpt.pt'}, {out / 'reconstruction.png'}")
     return 0
 
 
 def main(argv=None):
     try:
         code = train(get_args(argv))
-    except (DataError, CheckpointError, TrainError) as e:
+    except (DataError, CheckpointError, ConfigError, TrainError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to keep
+        print("train.py: interrupted before the first step; nothing was written", file=sys.stderr)
+        code = 130
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)

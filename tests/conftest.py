@@ -60,3 +60,23 @@ def tiny_run(cifar_dir, tmp_path_factory):
                    "--out", out)
     assert r.returncode == 0, r.stderr
     return out
+
+
+class StandInInception(torch.nn.Module):
+    """A tiny network with the `layers` entry point of the real Inception TorchScript files: the
+    mean of each channel over a 2x2 grid of the 299x299 input (12 features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory):
+    """The stand-in network as a TorchScript file, for tools/fid.py --inception."""
+    path = tmp_path_factory.mktemp("net") / "standin.pt"
+    torch.jit.script(StandInInception()).save(str(path))
+    return path

@@ -1,4 +1,5 @@
 """DDIM, guidance, pictures, the fine-tune path and the sample.py CLI."""
+import json
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import config
 import train
 from conftest import run_script
 from corruption import cosine_alphas_cumprod
@@ -88,21 +90,29 @@ def test_grid_pixel_size(tmp_path):
 
 def test_finetune_loads_pretrained_weights_and_trains(tiny_run, cifar_dir, tmp_path):
     out = tmp_path / "ft"
-    args = train.resolve(train.get_args(["--finetune", str(tiny_run / "ckpt.pt"), "--data-dir", str(cifar_dir),
-                                         "--out", str(out)]))
+    args = config.resolve(config.get_args(["--finetune", str(tiny_run / "ckpt.pt"), "--data-dir", str(cifar_dir),
+                                           "--recipe", "gpu", "--out", str(out)]))
     from data import load_dataset
     model, ema, _ = train.build(args, load_dataset("cifar10", cifar_dir), torch.device("cpu"), None)
     pre = torch.load(tiny_run / "ckpt.pt", weights_only=True)["model"]
     state = model.state_dict()
     assert model.num_classes == 10 and state["y_embed.weight"].shape == (11, 192)
     assert all(torch.equal(state[k], v) for k, v in pre.items())  # every pre-trained weight carried over
+    # the fresh label embedding is flax's nn.Embed default, N(0, 1/d): a small push on the condition
+    assert abs(state["y_embed.weight"].std().item() * 192 ** 0.5 - 1) < 0.1
     r = run_script("train.py", "--finetune", tiny_run / "ckpt.pt", "--data-dir", cifar_dir, "--batch-size", "32",
-                   "--max-steps", "6", "--log-every", "2", "--probe-every", "0", "--device", "cpu", "--out", out)
+                   "--recipe", "gpu", "--lr", "1e-2", "--warmup", "0", "--max-steps", "6", "--log-every", "2", "--device", "cpu",
+                   "--probe-every", "0", "--out", out)
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["config"]["model"]["num_classes"] == 10
     assert not torch.equal(ckpt["model"]["y_embed.weight"], state["y_embed.weight"])  # the labels are learned
     assert ckpt["config"]["train"]["r_t0"] == 0.05 and ckpt["config"]["train"]["label_dropout"] == 0.1
+    # the official fine-tune EMA starts at the loaded weights and moves 1e-4 * 32 / 256 per step:
+    # after 6 steps it is still the pre-trained network, while the raw weights have moved
+    raw_moved = max((ckpt["model"][k] - v).abs().max().item() for k, v in pre.items())
+    ema_moved = max((ckpt["ema"][k] - v).abs().max().item() for k, v in pre.items())
+    assert raw_moved > 3e-3 and ema_moved < 1e-4, (raw_moved, ema_moved)
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +159,17 @@ def test_sample_cli_errors(args, message, tiny_run, tmp_path):
 def test_class_label_out_of_range(ft_run):
     r = run_script("sample.py", "--ckpt", ft_run, "--class-label", "10", "--steps", "1")
     assert r.returncode == 2 and "0..9" in r.stderr
+
+
+def test_sample_fid(ft_run, cifar_dir, standin, tmp_path):
+    r = run_script("sample.py", "--ckpt", ft_run, "--fid", "20", "--steps", "2", "--cfg-scale", "2", "--inception",
+                   standin, "--data-dir", cifar_dir, "--out", tmp_path / "s.png")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((ft_run.parent / "fid-20-steps2-cfg2.json").read_text())
+    assert res["n"] == 20 and res["fid"] > 0 and res["cfg_scale"] == 2 and res["reference"] == "cifar10-train"
+    assert f"FID-20 against CIFAR-10 train: {res['fid']:.2f}" in r.stdout
+    assert Image.open(tmp_path / "s.png").size == (2 * 34 + 2, 10 * 34 + 2)  # one row per class
+    # a missing network fails at once, before any sampling
+    r = run_script("sample.py", "--ckpt", ft_run, "--fid", "20", "--inception", tmp_path / "none.pt")
+    errors = [l for l in r.stderr.splitlines() if l.startswith("sample.py: error")]
+    assert r.returncode == 2 and len(errors) == 1 and "no such Inception file" in errors[0], r.stderr

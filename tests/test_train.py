@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import config
 import train
 from corruption import noise_free_share
 from conftest import ROOT, run_script
@@ -107,12 +108,46 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path
     (["--device", "cpu", "--amp", "fp16", "--out", "{tmp}/x"], "fp16"),
     (["--patch-size", "3", "--out", "{tmp}/x"], "--patch-size 3"),
     (["--max-steps", "0", "--out", "{tmp}/x"], "--max-steps"),
+    (["--lr", "nan", "--out", "{tmp}/x"], "--lr nan is not a finite number"),
+    (["--epochs", "inf", "--out", "{tmp}/x"], "--epochs inf is not a finite number"),
+    (["--ema-decay", "1.5", "--out", "{tmp}/x"], "--ema-decay"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
     code = run_main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_resume_takes_unset_flags_from_the_saved_run(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 2, "--out", out]) == 0
+    # no --data-dir: the run's own (cifar_dir), not ./data; no --max-steps: to the end of the schedule
+    args = config.resolve(config.get_args(["--resume", "--out", str(out), "--max-steps", "3"]))
+    assert args.data_dir == str(cifar_dir) and args.max_steps == 3 and args.lr == 1.5e-4 and args.model == "tiny"
+    assert config.resolve(config.get_args(["--resume", "--out", str(out)])).max_steps is None
+    capsys.readouterr()
+    assert run_main(["--resume", "--out", out, "--lr", "0.1"]) == 2  # a setting cannot change mid-run
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--lr cannot change on --resume" in err
+
+
+def test_second_ctrl_c_aborts_in_one_line_and_keeps_the_checkpoint(cifar_dir, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = train.umd_loss
+
+    def interrupted(*a, **k):  # the second Ctrl-C arrives in the middle of step 5
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "umd_loss", interrupted)
+    out = tmp_path / "abort"
+    assert run_main(["--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0, "--out", out]) == 130
+    err = [l for l in capsys.readouterr().err.splitlines() if "train.py" in l]
+    assert len(err) == 1 and "aborted at step 4" in err[0] and "(step 4) is kept" in err[0], err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
 
 
 def test_unknown_method_and_existing_run(tiny_run, capsys):
@@ -122,18 +157,46 @@ def test_unknown_method_and_existing_run(tiny_run, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def resolve(*argv):
+    return config.resolve(config.get_args([str(a) for a in argv]))
+
+
 def test_method_presets_and_finetune_recipe(tiny_run):
     for method, (r, m0, m) in {"umd": (0.5, 0.75, 0.375), "mae": (1.0, 0.75, 0.0), "dit": (0.0, 0.75, 0.0),
                                "maskdit": (0.0, 0.75, 0.5)}.items():
-        a = train.resolve(train.get_args(["--method", method, "--out", "/nonexistent/x"]))
+        a = resolve("--method", method, "--recipe", "gpu", "--out", "/nonexistent/x")
         assert (a.r_t0, a.mask_ratio_t0, a.mask_ratio) == (r, m0, m)
-        assert a.epochs == 800 and a.batch_size == 1024 and a.warmup_epochs == 40 and a.model == "small"
-    a = train.resolve(train.get_args(["--method", "dit", "--mask-ratio", "0.25", "--out", "/nonexistent/x"]))
+        assert a.epochs == 800 and a.batch_size == 1024 and a.warmup == 0.05 and a.model == "small"
+        assert a.ema_decay == 0.9999 and a.ema_warmup
+    a = resolve("--method", "dit", "--mask-ratio", "0.25", "--recipe", "gpu", "--out", "/nonexistent/x")
     assert a.mask_ratio == 0.25  # flags beat presets
-    ft = train.resolve(train.get_args(["--finetune", str(tiny_run / "ckpt.pt")]))
+    ft = resolve("--finetune", tiny_run / "ckpt.pt", "--recipe", "gpu")
     assert (ft.method, ft.model, ft.patch_size, ft.r_t0, ft.mask_ratio) == ("umd", "tiny", 8, 0.05, 0.0)
-    assert (ft.lr, ft.beta2, ft.weight_decay, ft.epochs, ft.warmup_epochs, ft.batch_size) == (1.5e-4, 0.999, 0.0, 50, 2, 256)
+    assert (ft.lr, ft.beta2, ft.weight_decay, ft.epochs, ft.warmup, ft.batch_size) == (1.5e-4, 0.999, 0.0, 50, 0.04, 256)
     assert ft.label_dropout == 0.1 and ft.min_area == 0.95 and ft.out.endswith("umd-tiny-p8-ft")
+    # the official fine-tune EMA: step size 1e-4 per 256 images, no warm-up
+    assert ft.ema_decay == pytest.approx(0.9999) and not ft.ema_warmup
+    assert resolve("--finetune", tiny_run / "ckpt.pt", "--recipe", "gpu", "--batch-size", 1024).ema_decay == pytest.approx(0.9996)
+
+
+def test_default_recipe_fits_the_machine(tiny_run, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    a = resolve("--out", "/nonexistent/x")  # no CUDA, no size or schedule flag: the CPU recipe
+    assert (a.recipe, a.model, a.patch_size, a.batch_size, a.epochs, a.lr) == ("cpu", "tiny", 4, 128, 2.5, 1e-3)
+    assert resolve("--model", "small", "--out", "/nonexistent/x").recipe == "gpu"  # a size flag: the official recipe
+    assert resolve("--recipe", "gpu", "--out", "/nonexistent/x").epochs == 800
+    ft = resolve("--finetune", tiny_run / "ckpt.pt", "--out", "/nonexistent/x")
+    assert (ft.recipe, ft.epochs, ft.batch_size, ft.ema_decay) == ("cpu", 0.6, 128, 0.99)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve("--out", "/nonexistent/x").recipe == "gpu"
+
+
+def test_help_shows_every_recipe_value(capsys):
+    with pytest.raises(SystemExit):
+        config.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(gpu 800; cpu 2.5; finetune-gpu 50; finetune-cpu 0.6)" in text
+    assert "(gpu 1024; cpu 128; finetune-gpu 256; finetune-cpu 128)" in text
 
 
 def test_lr_schedule():

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from corruption import cosine_alphas_cumprod, umd_loss  # noqa: E402
 from model import SIZES, build_model, no_decay  # noqa: E402
-from train import METHODS  # noqa: E402
+from config import METHODS  # noqa: E402
 
 PEAK_BF16 = {"A100": 312e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}  # dense TFLOP/s
 

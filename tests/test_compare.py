@@ -1,0 +1,108 @@
+"""tools/compare.py end to end at toy size: four methods, every stage, the summary, stopping and
+going on without redoing finished stages, and bad input."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import config
+import train
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import compare  # noqa: E402
+
+# 200 training images, batch 32: 6 steps per epoch; 12 steps of pre-training, 3 of fine-tuning
+TOY = ["--model", "tiny", "--patch-size", "8", "--batch-size", "32", "--finetune-batch-size", "32", "--epochs", "2",
+       "--finetune-epochs", "0.5", "--fid", "20", "--fid-steps", "2", "--shots", "5", "--preset", "cpu"]
+
+
+def run(out, cifar_dir, *extra):
+    return compare.main([*TOY, "--data-dir", str(cifar_dir), "--out", str(out), *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def finished(cifar_dir, standin, tmp_path_factory):
+    """A comparison that was stopped in the middle of the dit fine-tune, then run again."""
+    out = tmp_path_factory.mktemp("cmp") / "toy"
+    real, calls = compare.stage_finetune, []
+
+    def stopped_in_dit(m, d, args, ds):
+        calls.append(m)
+        if m == "dit":
+            raise KeyboardInterrupt
+        return real(m, d, args, ds)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UMD_INCEPTION", str(standin))  # the stand-in network scores FID
+        mp.setattr(compare, "stage_finetune", stopped_in_dit)
+        assert run(out, cifar_dir) == 130
+        done_before = {p: p.stat().st_mtime_ns for p in out.glob("*/*.json")}
+        assert calls == ["umd", "mae", "dit"] and not (out / "dit" / "finetune.json").exists()
+        mp.setattr(compare, "stage_finetune", real)
+        assert run(out, cifar_dir) == 0
+    return out, done_before
+
+
+def test_every_stage_and_the_summary(finished):
+    out, _ = finished
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["umd", "mae", "dit", "maskdit"]
+    for m, r in results["methods"].items():
+        assert r["pretrain"]["steps"] == 12 and r["finetune"]["steps"] == 3 and r["pretrain"]["img_per_s"] > 0
+        assert 0 <= r["probe"]["linear"]["top1"] <= 1 and r["probe"]["fewshot"]["shots"] == 5
+        assert ("probe-t50" in r) == (m in ("dit", "maskdit"))  # their official read-out
+        assert r["samples"]["n"] == 20 and r["fid"]["n"] == 20 and r["fid"]["fid"] > 0
+    assert results["settings"]["epochs"] == 2.0 and results["machine"]["cores"] >= 1
+    flops = {m: r["gflop_per_image"] for m, r in results["methods"].items()}
+    assert flops["mae"] < flops["umd"] < flops["dit"]  # the encoder sees fewer tokens
+    rows = [l for l in (out / "table.md").read_text().splitlines() if l.startswith("| ") and "method" not in l]
+    assert [r.split("|")[1].strip() for r in rows] == ["umd", "mae", "dit", "maskdit"]
+    assert rows[2].split("|")[8].strip() == "1.00x" and "t=50" in rows[2]
+    from PIL import Image
+    assert Image.open(out / "compare.png").width > 4 * 8 * 34  # four panels of 8 samples per class
+
+
+def test_going_on_redoes_no_finished_stage(finished):
+    out, done_before = finished
+    for path, mtime in done_before.items():
+        assert path.stat().st_mtime_ns == mtime, path
+    for m in ("umd", "mae", "dit", "maskdit"):  # one uninterrupted log per training run
+        steps = [json.loads(l)["step"] for l in (out / m / "pretrain" / "log.jsonl").read_text().splitlines()]
+        assert steps == sorted(set(steps)) and steps[-1] == 12
+
+
+def test_an_interrupted_training_resumes(cifar_dir, tmp_path):
+    out = tmp_path / "cmp"
+    # what a Ctrl-C at step 4 of the first pre-training leaves behind: a checkpoint at step 4
+    argv = ["--method", "umd", "--recipe", "cpu", "--model", "tiny", "--patch-size", "8", "--batch-size", "32",
+            "--lr", "1e-3", "--epochs", "2", "--seed", "0", "--probe-every", "0", "--device", "cpu",
+            "--data-dir", str(cifar_dir), "--out", str(out / "umd" / "pretrain"), "--max-steps", "4"]
+    assert train.train(config.get_args(argv)) == 0
+    assert run(out, cifar_dir, "--methods", "umd", "--fid", "0") == 0
+    log = [json.loads(l) for l in (out / "umd" / "pretrain" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [4, 12]  # continued from the checkpoint, not restarted
+    assert torch.load(out / "umd" / "pretrain" / "ckpt.pt", weights_only=True)["step"] == 12
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--methods", "umd,vae"], "unknown method vae"),
+    (["--data-dir", "{tmp}/nodata"], "CIFAR-10 not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(extra, message, cifar_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
+    argv = [*TOY, "--data-dir", str(cifar_dir), "--out", str(tmp_path / "x"), *[a.format(tmp=tmp_path) for a in extra]]
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_folder_of_another_comparison_is_refused_and_kept(finished, cifar_dir, capsys):
+    out, _ = finished
+    before = (out / "results.json").read_bytes()
+    assert run(out, cifar_dir, "--epochs", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "--epochs 2.0 -> 3.0" in err[0]
+    assert (out / "results.json").read_bytes() == before and (out / "umd" / "pretrain" / "ckpt.pt").exists()

@@ -1,0 +1,330 @@
+"""The paper's comparison on CIFAR-10 in one command: UMD, MAE, DiT and MaskDiT trained with the
+same network, schedule, batch, seed and data order (only the method preset differs), then
+probed, fine-tuned with labels, sampled and scored.
+
+    python tools/compare.py --preset cpu     # tiny/4 on 2 CPU cores, about 2.5 hours (README)
+    python tools/compare.py --preset gpu     # small/2 on one H100/H200 (not yet measured)
+    python tools/compare.py --model tiny --patch-size 8 --epochs 0.05 --finetune-epochs 0.02 --fid 0
+
+For each method, one stage after another, each writing its result into OUT/<method>/:
+  pretrain   train.py (the EMA weights are what the next stages read)
+  probe      probe.py: linear, 100-shot ridge and 20-NN on clean images; dit and maskdit also on
+             x_t at t = 50, their official read-out (probe-t50)
+  finetune   train.py --finetune: class-conditional, classifier-free guidance
+  samples    sample.py: --fid images (equal per class) with --cfg-scale, into samples.npz
+  fid        tools/fid.py against CIFAR-10 train, where the Inception network is found; else the
+             samples wait, and the next run of the same command (here or on another machine)
+             scores them
+Running the same command again skips finished stages and resumes an interrupted training, so a
+comparison can be stopped (Ctrl-C) and continued, or spread over machines. The summary:
+OUT/results.json (every number, the settings, the machine), OUT/table.md and OUT/compare.png.
+
+References: the official comparison (ImageNet 64x64, B/4): github.com/philippe-eecs/small-vision,
+README; UMD: arXiv 2406.17688.
+"""
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import config  # noqa: E402
+import train  # noqa: E402
+from data import CIFAR_CLASSES, DataError, load_dataset  # noqa: E402
+from model import CheckpointError, load_checkpoint, save_atomic  # noqa: E402
+from probe import evaluate, extract_features  # noqa: E402
+from sample import class_labels, generate, to_uint8  # noqa: E402
+from tools.bench import step_flops  # noqa: E402
+from tools.fid import FIDError, Inception, fid_of_images  # noqa: E402
+
+# The presets, measured (README "The comparison"): cpu fits 2 cores in about 2.5 hours; gpu is
+# sized for about 9 minutes of one H100/H200 from the analytic FLOPs, not yet run on one.
+PRESETS = dict(
+    cpu=dict(model="tiny", patch_size=4, batch_size=128, lr=1e-3, epochs=2.0, finetune_epochs=0.3,
+             finetune_batch_size=128, finetune_lr=5e-4, fid=1000, fid_steps=25, cfg_scale=2.0, device="cpu"),
+    gpu=dict(model="small", patch_size=2, batch_size=1024, lr=1.5e-4, epochs=8.0, finetune_epochs=2.0,
+             finetune_batch_size=256, finetune_lr=1.5e-4, fid=10000, fid_steps=50, cfg_scale=2.0, device="cuda"),
+)
+PICTURE_PER_CLASS = 8  # samples per class drawn in compare.png
+RUNTIME = ("methods", "data_dir", "device", "out", "preset")  # may differ between runs of one comparison
+
+
+class CompareError(Exception):
+    """Bad input: one line, exit status 2; nothing finished is ever deleted."""
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="default auto: gpu with CUDA, else cpu; " + "; ".join(
+                       f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items()) for k, d in PRESETS.items()))
+    p.add_argument("--methods", default="umd,mae,dit,maskdit", help="comma-separated (default umd,mae,dit,maskdit)")
+    for key, value in PRESETS["cpu"].items():
+        if key != "device":
+            p.add_argument(f"--{key.replace('_', '-')}", type=type(value), help="from --preset unless given")
+    p.add_argument("--seed", type=int, default=0, help="one seed for every method: same init and data order")
+    p.add_argument("--shots", type=int, default=100, help="few-shot ridge probe: training images per class (default 100)")
+    p.add_argument("--data-dir", default="./data", help="where cifar-10-batches-py lives (default ./data)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: the preset's")
+    p.add_argument("--out", help="run folder (default runs/compare-<model>-p<patch>)")
+    args = p.parse_args(argv)
+    preset = "gpu" if args.preset == "gpu" or (args.preset == "auto" and torch.cuda.is_available()) else "cpu"
+    for key, value in PRESETS[preset].items():
+        if key != "device" and getattr(args, key) is None:
+            setattr(args, key, value)
+    args.preset = preset
+    args.device = PRESETS[preset]["device"] if args.device == "auto" else args.device
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.out = args.out or f"runs/compare-{args.model}-p{args.patch_size}"
+    return args
+
+
+def check(args):
+    unknown = [m for m in args.methods if m not in config.METHODS]
+    if unknown or not args.methods:
+        raise CompareError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(config.METHODS)}")
+    if args.fid < 0 or args.fid_steps < 1 or args.epochs <= 0 or args.finetune_epochs <= 0:
+        raise CompareError("--fid must be >= 0, --fid-steps >= 1, the epochs positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CompareError("this preset (or --device cuda) needs CUDA; use --preset cpu or --device cpu")
+    out = Path(args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in RUNTIME}
+    saved = out / "settings.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            raise CompareError(f"{out} holds a comparison with other settings ({'; '.join(changed)}); "
+                               "rerun it with its own settings or pass another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_atomic(json.dumps(settings, indent=2) + "\n", saved)
+
+
+# ----------------------------------------------------------------------------- stages
+def write_json(path, obj):
+    save_atomic(json.dumps(obj, indent=2) + "\n", path)
+
+
+def run_training(run_dir, argv, args):
+    """train.py in this process: fresh, or --resume where a checkpoint was left. Returns a summary
+    read from its log: steps, training seconds (probes and checkpoints excluded), img/s."""
+    if (run_dir / "ckpt.pt").exists():  # an interrupted run: its settings are in its checkpoint
+        argv = ["--resume"]
+    code = train.train(config.get_args([*map(str, argv), "--out", str(run_dir), "--device", args.device,
+                                        "--data-dir", args.data_dir]))
+    if code != 0:
+        raise KeyboardInterrupt  # stopped by Ctrl-C after saving: the next run resumes it
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    batch = json.loads((run_dir / "config.json").read_text())["batch_size"]
+    records, seconds, prev = [r for r in log if "img_per_s" in r], 0.0, 0
+    for r in records:
+        seconds, prev = seconds + (r["step"] - prev) * batch / r["img_per_s"], r["step"]
+    speeds = sorted(r["img_per_s"] for r in records[1:] or records)  # the first interval holds the warm-up
+    return dict(steps=prev, seconds=seconds, img_per_s=speeds[len(speeds) // 2], final_loss=records[-1]["loss"])
+
+
+def stage_pretrain(m, d, args, ds):
+    return run_training(d / "pretrain", ["--method", m, "--recipe", args.preset, "--model", args.model,
+                                         "--patch-size", args.patch_size, "--batch-size", args.batch_size,
+                                         "--lr", args.lr, "--epochs", args.epochs, "--seed", args.seed,
+                                         "--probe-every", 0], args)
+
+
+def stage_probe(m, d, args, ds, t=None):
+    model, _ = load_checkpoint(d / "pretrain" / "ckpt.pt", args.device)  # EMA weights
+    start = time.time()
+    train_f = extract_features(model, ds.train_x, t, desc="features (train)")
+    test_f = extract_features(model, ds.test_x, t, desc="features (test)")
+    results, lines = evaluate(train_f, ds.train_y, test_f, ds.test_y, ds.num_classes, split="CIFAR-10 test",
+                              shots=args.shots)
+    print("\n".join(f"  {line}" for line in lines))
+    return dict(results, t=t, seconds=time.time() - start)
+
+
+def stage_finetune(m, d, args, ds):
+    return run_training(d / "finetune", ["--finetune", d / "pretrain" / "ckpt.pt", "--recipe", args.preset,
+                                         "--epochs", args.finetune_epochs, "--batch-size", args.finetune_batch_size,
+                                         "--lr", args.finetune_lr, "--seed", args.seed, "--probe-every", 0], args)
+
+
+def stage_samples(m, d, args, ds):
+    model, _ = load_checkpoint(d / "finetune" / "ckpt.pt", args.device)
+    labels = class_labels(model, args.fid or PICTURE_PER_CLASS * model.num_classes)  # equal per class
+    start = time.time()
+    samples = generate(model, labels, len(labels), args.fid_steps, args.cfg_scale, seed=args.seed, desc=f"{m} samples")
+    tmp = d / "samples.tmp.npz"
+    np.savez(tmp, samples=to_uint8(samples), labels=labels.numpy())
+    os.replace(tmp, d / "samples.npz")
+    return dict(n=len(labels), steps=args.fid_steps, cfg_scale=args.cfg_scale, seconds=time.time() - start)
+
+
+def stage_fid(m, d, args, ds):
+    """FID of the first --fid samples; None (and the stage stays open) where no network is found."""
+    try:
+        net = Inception(device=args.device)
+    except FIDError as e:
+        print(f"  FID waits: {e}. Then rerun this command, or: python tools/fid.py {d / 'samples.npz'} cifar10-train")
+        return None
+    start = time.time()
+    images = torch.from_numpy(np.load(d / "samples.npz")["samples"]).permute(0, 3, 1, 2)
+    value = fid_of_images(images, "cifar10-train", args.data_dir, net)
+    return dict(fid=value, n=len(images), steps=args.fid_steps, cfg_scale=args.cfg_scale, reference="cifar10-train",
+                network_sha256=net.sha256, seconds=time.time() - start)
+
+
+def stages(args):
+    """(method, name, result file, function) in the order they run."""
+    out = []
+    for m in args.methods:
+        out.append((m, "pretrain", "pretrain.json", stage_pretrain))
+        out.append((m, "probe", "probe.json", stage_probe))
+        if config.METHODS[m]["r_t0"] == 0:  # never trained on clean images: the official read-out
+            out.append((m, "probe-t50", "probe-t50.json", functools.partial(stage_probe, t=50)))
+        out.append((m, "finetune", "finetune.json", stage_finetune))
+        out.append((m, "samples", "samples.json", stage_samples))
+        if args.fid > 0:
+            out.append((m, "fid", "fid.json", stage_fid))
+    return out
+
+
+# ----------------------------------------------------------------------------- summary
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return dict(cpu=cpu, cores=os.cpu_count(), gpu=gpu, torch=torch.__version__, python=platform.python_version())
+
+
+def summarize(args):
+    """results.json, table.md and compare.png from whatever stages have finished."""
+    out = Path(args.out)
+    results = dict(settings=json.loads((out / "settings.json").read_text()), machine=machine(), methods={})
+    for m in args.methods:
+        d = out / m
+        r = {name: json.loads((d / f"{name}.json").read_text()) for name in
+             ("pretrain", "probe", "probe-t50", "finetune", "samples", "fid") if (d / f"{name}.json").exists()}
+        flops, tokens = step_flops(args.model, args.patch_size, **config.METHODS[m])
+        r["gflop_per_image"], r["encoder_tokens_per_image"] = flops / 1e9, tokens
+        results["methods"][m] = r
+    write_json(out / "results.json", results)
+    (out / "table.md").write_text(table(results, args))
+    picture(args, out / "compare.png")
+    return results
+
+
+def table(results, args):
+    ms = results["methods"]
+    dit = ms.get("dit", {})
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"
+
+    def probe_cell(r, key, field):
+        clean = r.get("probe", {}).get(key, {}).get(field)
+        noisy = r.get("probe-t50", {}).get(key, {}).get(field)
+        return pct(clean) + ("" if noisy is None else f" (t=50: {pct(noisy)})")
+
+    head = (f"| method | linear probe % | {args.shots}-shot ridge % | 20-NN % | FID-{args.fid} (cfg {args.cfg_scale:g}, "
+            f"{args.fid_steps} DDIM steps) | img/s | GFLOP/img | FLOPs vs dit | time/img vs dit |")
+    rows = [head, "|---" * 9 + "|"]
+    for m, r in ms.items():
+        speed = r.get("pretrain", {}).get("img_per_s")
+        fid = r.get("fid", {}).get("fid")
+        fid_cell = "-" if args.fid == 0 else f"{fid:.1f}" if fid is not None else "waits" if "samples" in r else ""
+        vs_flops = f"{r['gflop_per_image'] / dit['gflop_per_image']:.2f}x" if dit else "-"
+        dit_speed = dit.get("pretrain", {}).get("img_per_s")
+        vs_time = f"{dit_speed / speed:.2f}x" if dit_speed and speed else "-"
+        rows.append(f"| {m} | {probe_cell(r, 'linear', 'top1')} | {probe_cell(r, 'fewshot', 'mean')} | "
+                    f"{probe_cell(r, 'knn', 'top1')} | {fid_cell} | {'-' if speed is None else f'{speed:.0f}'} | "
+                    f"{r['gflop_per_image']:.2f} | {vs_flops} | {vs_time} |")
+    s = results["settings"]
+    rows += ["", f"{s['model']}/p{s['patch_size']}, batch {s['batch_size']}, lr {s['lr']:g} per 256, {s['epochs']:g} "
+             f"epochs of pre-training, {s['finetune_epochs']:g} of fine-tuning (batch {s['finetune_batch_size']}), seed "
+             f"{s['seed']}; probes on the EMA weights, CIFAR-10 test; machine: {results['machine']['gpu'] or results['machine']['cpu']}"
+             f" ({results['machine']['cores']} cores), torch {results['machine']['torch']}."]
+    return "\n".join(rows) + "\n"
+
+
+def picture(args, path, label_w=70, gap=12):
+    """Per method, side by side: its fine-tuned samples (one row per class) above the
+    reconstructions of its pre-trained network (train.py's reconstruction.png)."""
+    panels = []
+    for m in args.methods:
+        d = Path(args.out) / m
+        if not (d / "samples.npz").exists():
+            continue
+        data = np.load(d / "samples.npz")
+        per = len(data["labels"]) // len(CIFAR_CLASSES)
+        tiles = data["samples"].reshape(len(CIFAR_CLASSES), per, *data["samples"].shape[1:])[:, :PICTURE_PER_CLASS]
+        h, w = tiles.shape[2:4]
+        grid = Image.new("RGB", (PICTURE_PER_CLASS * (w + 2), len(CIFAR_CLASSES) * (h + 2)), "white")
+        for c, row in enumerate(tiles):
+            for k, tile in enumerate(row):
+                grid.paste(Image.fromarray(tile), (k * (w + 2), c * (h + 2)))
+        parts = [grid]
+        if (d / "pretrain" / "reconstruction.png").exists():
+            rec = Image.open(d / "pretrain" / "reconstruction.png").convert("RGB")
+            parts.append(rec.crop((0, 0, rec.width, min(rec.height, 4 * (h + 2) + 2))))
+        panels.append((m, parts))
+    if not panels:
+        return
+    width = max(max(p.width for p in parts) for _, parts in panels)
+    height = 20 + max(sum(p.height + gap for p in parts) for _, parts in panels)
+    canvas = Image.new("RGB", (label_w + len(panels) * (width + gap), height), "white")
+    draw = ImageDraw.Draw(canvas)
+    h = panels[0][1][0].height // len(CIFAR_CLASSES)
+    for c, name in enumerate(CIFAR_CLASSES):
+        draw.text((4, 20 + c * h + h // 3), name, fill="black")
+    draw.text((4, 20 + panels[0][1][0].height + gap), "masked /\nnoised\nrecon-\nstruction", fill="black")
+    for i, (m, parts) in enumerate(panels):
+        x, y = label_w + i * (width + gap), 20
+        draw.text((x, 4), m, fill="black")
+        for p in parts:
+            canvas.paste(p, (x, y))
+            y += p.height + gap
+    canvas.save(path)
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        check(args)
+        ds = load_dataset("cifar10", args.data_dir)  # a missing dataset fails now, in one line
+        todo = stages(args)
+        out, start = Path(args.out), time.time()
+        for i, (m, name, result, run) in enumerate(todo):
+            d = out / m
+            d.mkdir(exist_ok=True)
+            if (d / result).exists():
+                continue
+            done = "#" * i + "." * (len(todo) - i)
+            print(f"\n[{done}] stage {i + 1}/{len(todo)}: {m} {name} ({(time.time() - start) / 60:.1f} min so far)",
+                  flush=True)
+            value = run(m, d, args, ds)
+            if value is not None:
+                write_json(d / result, value)
+        results = summarize(args)
+    except (CompareError, DataError, CheckpointError, config.ConfigError, train.TrainError, FIDError) as e:
+        print(f"compare.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ncompare.py: stopped; finished stages are kept in {args.out}: run the same command again to go on",
+              file=sys.stderr)
+        return 130
+    print("\n" + (Path(args.out) / "table.md").read_text() + f"\n{args.out}: results.json, table.md, compare.png")
+    waiting = [m for m, r in results["methods"].items() if args.fid and "samples" in r and "fid" not in r]
+    if waiting:
+        print(f"FID still to score for {', '.join(waiting)}: get the Inception network (tools/fid.py --help) and rerun")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

