@@ -94,7 +94,8 @@ def load_cifar10(data_dir, download=True):
         archive = Path(data_dir) / "cifar-10-python.tar.gz"
         if not archive.exists():
             if not download:
-                raise DataError(f"CIFAR-10 not found in {data_dir}; download it or pass --data-dir")
+                raise DataError(f"CIFAR-10 not found in {data_dir}: expected {root} or {archive}; "
+                                "download it or pass --data-dir")
             _download(CIFAR_URL, archive)
         digest = _md5(archive)
         if digest != CIFAR_MD5:
@@ -138,8 +139,9 @@ def _download(url, dest):
                     bar.update(len(chunk))
     except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
         tmp.unlink(missing_ok=True)
-        raise DataError(f"CIFAR-10 not found in {dest.parent} and the download failed ({e}); "
-                        f"download {url} into that folder or pass --data-dir")
+        raise DataError(f"CIFAR-10 not found in {dest.parent} and the download failed ({e}); put {url} "
+                        f"(or the folder it unpacks to) at {dest} (or {dest.parent / 'cifar-10-batches-py'}), "
+                        "or pass --data-dir")
     os.replace(tmp, dest)
 
 

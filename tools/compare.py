@@ -217,7 +217,7 @@ def summarize(args):
         results["methods"][m] = r
     write_json(out / "results.json", results)
     (out / "table.md").write_text(table(results, args))
-    picture(args, out / "compare.png")
+    picture(args, out / "compare.png", tradeoff(results))
     return results
 
 
@@ -231,8 +231,9 @@ def table(results, args):
         noisy = r.get("probe-t50", {}).get(key, {}).get(field)
         return pct(clean) + ("" if noisy is None else f" (t=50: {pct(noisy)})")
 
-    head = (f"| method | linear probe % | {args.shots}-shot ridge % | 20-NN % | FID-{args.fid} (cfg {args.cfg_scale:g}, "
-            f"{args.fid_steps} DDIM steps) | img/s | GFLOP/img | FLOPs vs dit | time/img vs dit |")
+    fid_head = f"FID-{args.fid} (cfg {args.cfg_scale:g}, {args.fid_steps} DDIM steps)" if args.fid else "FID (--fid 0)"
+    head = (f"| method | linear probe % | {args.shots}-shot ridge % | 20-NN % | {fid_head} | pre-training img/s | "
+            "GFLOP/img | FLOPs vs dit | time/img vs dit |")
     rows = [head, "|---" * 9 + "|"]
     for m, r in ms.items():
         speed = r.get("pretrain", {}).get("img_per_s")
@@ -252,9 +253,31 @@ def table(results, args):
     return "\n".join(rows) + "\n"
 
 
-def picture(args, path, label_w=70, gap=12):
+def tradeoff(results, size=240, pad=44):
+    """Representation against generation, one dot per method: the few-shot ridge probe (right is
+    better) and FID (up is better). None until two methods have both numbers."""
+    points = [(m, 100 * r["probe"]["fewshot"]["mean"], r["fid"]["fid"]) for m, r in results["methods"].items()
+              if "probe" in r and "fid" in r]
+    if len(points) < 2:
+        return None
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    fx = lambda v: pad + (v - x0) / (x1 - x0 or 1) * size
+    fy = lambda v: pad + (v - y0) / (y1 - y0 or 1) * size  # low FID at the top
+    img = Image.new("RGB", (size + 2 * pad + 40, size + 2 * pad), "white")
+    draw = ImageDraw.Draw(img)
+    draw.line([(pad - 10, pad - 10), (pad - 10, pad + size + 10), (pad + size + 10, pad + size + 10)], fill="black")
+    draw.text((pad, pad + size + 16), f"few-shot ridge probe %: {x0:.1f} .. {x1:.1f} ->", fill="black")
+    draw.text((4, 4), f"FID: {y0:.1f} (top) .. {y1:.1f}", fill="black")
+    for m, x, y in points:
+        draw.ellipse([fx(x) - 4, fy(y) - 4, fx(x) + 4, fy(y) + 4], fill="black")
+        draw.text((fx(x) + 7, fy(y) - 6), m, fill="black")
+    return img
+
+
+def picture(args, path, extra=None, label_w=70, gap=12):
     """Per method, side by side: its fine-tuned samples (one row per class) above the
-    reconstructions of its pre-trained network (train.py's reconstruction.png)."""
+    reconstructions of its pre-trained network (train.py's reconstruction.png); then `extra`."""
     panels = []
     for m in args.methods:
         d = Path(args.out) / m
@@ -277,12 +300,14 @@ def picture(args, path, label_w=70, gap=12):
         return
     width = max(max(p.width for p in parts) for _, parts in panels)
     height = 20 + max(sum(p.height + gap for p in parts) for _, parts in panels)
-    canvas = Image.new("RGB", (label_w + len(panels) * (width + gap), height), "white")
+    canvas = Image.new("RGB", (label_w + len(panels) * (width + gap) + (extra.width if extra else 0), height), "white")
+    if extra:
+        canvas.paste(extra, (label_w + len(panels) * (width + gap), 20))
     draw = ImageDraw.Draw(canvas)
     h = panels[0][1][0].height // len(CIFAR_CLASSES)
     for c, name in enumerate(CIFAR_CLASSES):
         draw.text((4, 20 + c * h + h // 3), name, fill="black")
-    draw.text((4, 20 + panels[0][1][0].height + gap), "masked /\nnoised\nrecon-\nstruction", fill="black")
+    draw.text((4, 20 + panels[0][1][0].height + gap), "pre-trained:\nmasked and\nnoised\ninputs,\npredictions", fill="black")
     for i, (m, parts) in enumerate(panels):
         x, y = label_w + i * (width + gap), 20
         draw.text((x, 4), m, fill="black")
