@@ -1,4 +1,5 @@
-"""Methods, recipes and flags of train.py: every default in one place.
+"""Methods, recipes and flags of train.py: every default in one place (METHODS, RECIPES and
+RUN_DEFAULTS below; the --help text is made from them).
 
 A run's settings come, for each one, from the flag if it was given, else from the method preset
 (METHODS), else from the recipe's column (RECIPES); --resume takes the saved run's settings.
@@ -14,6 +15,7 @@ import torch
 from model import SIZES, CheckpointError, read_checkpoint
 
 # Every method is a setting of the one UMD step (corruption.py; README "The idea in one screen").
+# mask_ratio_t0 is unused where r_t0 = 0 (no noise-free step), mask_ratio where r_t0 = 1.
 METHODS = {
     "umd": dict(r_t0=0.5, mask_ratio_t0=0.75, mask_ratio=0.375),
     "mae": dict(r_t0=1.0, mask_ratio_t0=0.75, mask_ratio=0.0),
@@ -23,6 +25,8 @@ METHODS = {
 # The fine-tune keeps a small noise-free share for the methods that have one and masks nothing
 # (the official README's fine-tuning commands: no_noise_prob 0.05 or 0, mask_ratio 0).
 FINETUNE_METHODS = {m: dict(r_t0=0.05 if s["r_t0"] > 0 else 0.0, mask_ratio=0.0) for m, s in METHODS.items()}
+# dit and maskdit never see a clean image: the official code reads their features of x_t at t = 50.
+NOISY_READOUT_T = 50
 
 # Every other default, in one place; the --help text is made from this table. Columns:
 #   gpu           the official pre-training recipe (configs/ae_i1k.py), on CIFAR-10 at small/2,
@@ -51,6 +55,8 @@ RECIPES = dict(
     probe_every=  (10.0,   0.5,    10.0,   0.0,    "epochs between in-training few-shot ridge probes (0 = off)"),
     log_every=    (50,     20,     50,     20,     "steps between log lines"),
 )
+# The same in every recipe.
+RUN_DEFAULTS = dict(dataset="cifar10", data_dir="./data", img_size=32, seed=0, ckpt_minutes=10.0, device="auto")
 # Flags that choose the size or the schedule: with any of them the default recipe is gpu, since
 # only the whole CPU recipe is known to fit a CPU.
 SCHEDULE_FLAGS = ("model", "patch_size", "epochs", "batch_size", "lr", "warmup")
@@ -67,9 +73,10 @@ def get_args(argv=None):
     """Every flag defaults to None, so that resolve() knows which ones the user gave."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--dataset", choices=["cifar10", "folder"], help="cifar10 (default), or folder: --data-dir/<class>/<image>")
-    a("--data-dir", help="where cifar-10-batches-py lives or is downloaded (default ./data)")
-    a("--img-size", type=int, help="image size for --dataset folder (default 32)")
+    d = {k: f" (default {v})" for k, v in RUN_DEFAULTS.items()}
+    a("--dataset", choices=["cifar10", "folder"], help="cifar10, or folder: --data-dir/<class>/<image>" + d["dataset"])
+    a("--data-dir", help="where cifar-10-batches-py lives or is downloaded" + d["data_dir"])
+    a("--img-size", type=int, help="image size for --dataset folder" + d["img_size"])
     a("--method", choices=list(METHODS), help="loss preset (default umd; on --finetune, the checkpoint's)")
     a("--recipe", choices=["auto", "gpu", "cpu"], help="default auto: cpu without CUDA when no size or "
       "schedule flag is given, else gpu (the official recipe)")
@@ -87,9 +94,9 @@ def get_args(argv=None):
     a("--finetune", metavar="CKPT", help="class-conditional fine-tune from this pre-trained checkpoint")
     a("--out", help="run directory (default runs/<method>-<model>-p<patch>[-ft])")
     a("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    a("--seed", type=int, help="fixes init, data order, augmentation, masks, noise and t (default 0)")
-    a("--ckpt-minutes", type=float, help="minutes between checkpoints (default 10)")
-    a("--device", choices=["auto", "cuda", "cpu"], help="default auto: cuda when available")
+    a("--seed", type=int, help="fixes init, data order, augmentation, masks, noise and t" + d["seed"])
+    a("--ckpt-minutes", type=float, help="minutes between checkpoints" + d["ckpt_minutes"])
+    a("--device", choices=["auto", "cuda", "cpu"], help="auto: cuda when available" + d["device"])
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on with CUDA)")
     a("--amp", choices=["bf16", "fp16", "off"], help="autocast (default bf16 on CUDA, off on the CPU)")
     return p.parse_args(argv)
@@ -119,8 +126,7 @@ def resolve(args):
             setattr(s, key, value)
     if s.ema_decay is None:  # the official fine-tune EMA: step size 1e-4 per 256 images
         s.ema_decay = 1 - 1e-4 * s.batch_size / 256
-    defaults = dict(dataset="cifar10", data_dir="./data", img_size=32, seed=0, ckpt_minutes=10.0, device="auto")
-    for key, value in defaults.items():
+    for key, value in RUN_DEFAULTS.items():
         if getattr(s, key) is None:
             setattr(s, key, value)
     s.out = s.out or str(Path("runs") / (f"{s.method}-{s.model}-p{s.patch_size}" + ("-ft" if s.finetune else "")))
@@ -140,7 +146,8 @@ def resume_settings(args, given):
     saved = read_checkpoint(out / "ckpt.pt")["config"].get("train")
     if not isinstance(saved, dict) or not set(RECIPES) <= set(saved):
         raise CheckpointError(f"{out / 'ckpt.pt'} holds no training settings of this train.py; start a new run")
-    changed = [k for k, v in given.items() if k not in RUNTIME_FLAGS and k != "out" and v != saved.get(k)]
+    changed = [k for k, v in given.items()
+               if k not in RUNTIME_FLAGS and k != "out" and v != saved.get(k) and not (k == "recipe" and v == "auto")]
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise ConfigError(f"{flags} cannot change on --resume (a resumed run keeps its settings); drop them or start a new run")
@@ -162,6 +169,8 @@ def check(s):
         raise ConfigError("--epochs, --batch-size, --lr and --log-every must be positive")
     if not 0 <= s.warmup <= 1 or not 0 <= s.ema_decay < 1 or not 0 <= s.label_dropout <= 1 or not 0 < s.min_area <= 1:
         raise ConfigError("--warmup, --ema-decay and --label-dropout must be in [0, 1] (decay < 1), --min-area in (0, 1]")
+    if not 0 <= s.beta2 < 1 or s.weight_decay < 0 or s.grad_clip <= 0 or s.img_size < 1:
+        raise ConfigError("--beta2 must be in [0, 1), --weight-decay >= 0, --grad-clip and --img-size positive")
     if s.max_steps is not None and s.max_steps < 1:
         raise ConfigError("--max-steps must be at least 1")
     if s.patch_size < 1 or s.img_size % s.patch_size:

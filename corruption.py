@@ -7,17 +7,18 @@ Every batch is split, deterministically, into two groups that share one network:
     pixel MSE of the x0 prediction on the masked patches.
   * the other B - n0 images take the MIXED step (masked DiT): t ~ U{0..T-1}, the whole
     image noised to x_t, then mask_ratio (37.5%) of its patches dropped, time input t + 1;
-    the loss is the eps MSE on the visible patches plus the x0 MSE on the masked ones.
+    the loss is Lt = 0.5 * (eps MSE on the visible patches + x0 MSE on the masked ones).
 
-  L = r_t0 * L0 + (1 - r_t0) * Lt        (the UMD objective of the paper)
+  L = (n0 / B) * L0 + (1 - n0 / B) * Lt  ~  r_t0 * L0 + (1 - r_t0) * Lt   (the paper's objective)
 
 MAE (r_t0 = 1), DiT (r_t0 = 0, no mask) and MaskDiT (r_t0 = 0, 50% masked) are settings of the
-same step (train.py METHODS). Randomness (t, noise, masks, label dropout) is drawn here, outside
+same step (config.py METHODS). Randomness (t, noise, masks, label dropout) is drawn here, outside
 the network, from one torch.Generator, so a seed fixes it and a compiled network sees only
 tensors of fixed shape.
 
 References:
-  UMD: Hansen-Estruch et al., "Unified Auto-Encoding with Masked Diffusion", arXiv 2406.17688
+  UMD: Hansen-Estruch et al., "Unified Auto-Encoding with Masked Diffusion" (Unified Masked
+      Diffusion), arXiv 2406.17688
   official JAX code: github.com/philippe-eecs/small-vision, big_vision/trainers/train_ae.py
       (the step and its loss) and big_vision/gaussian_diffusion.py (the schedule)
   MAE masking: He et al., arXiv 2111.06377; github.com/facebookresearch/mae, models_mae.py
@@ -57,7 +58,8 @@ def random_masking(batch_size, num_patches, mask_ratio, device=None, generator=N
 
 
 def patch_mse(pred, target, patch_size):
-    """Mean squared error of each patch: [B, C, H, W] x 2 -> [B, L] (row-major patch order)."""
+    """Mean squared error of each patch: [B, C, H, W] x 2 -> [B, L]. Row-major patch order, the
+    order of the model's patch embedding and so of the masks' patch indices."""
     se = (pred.float() - target.float()).pow(2).mean(dim=1, keepdim=True)
     return F.avg_pool2d(se, patch_size).flatten(1)
 
@@ -90,7 +92,7 @@ def umd_loss(model, x0, *, r_t0, mask_ratio, mask_ratio_t0, alphas_cumprod,
     if n0 > 0:
         xc = x0[B - n0:]
         ids_keep, mask, ids_restore = random_masking(n0, L, mask_ratio_t0, dev, generator)
-        out = model(xc, torch.full((n0,), CLEAN, device=dev), None, ids_keep, ids_restore)
+        out = model(xc, torch.full((n0,), CLEAN, device=dev), ids_keep=ids_keep, ids_restore=ids_restore)
         loss_t0 = masked_mean(patch_mse(out[:, :C], xc, p), mask)
         loss = loss + (n0 / B) * loss_t0
         stats["loss_t0"] = loss_t0.detach()
@@ -108,7 +110,7 @@ def umd_loss(model, x0, *, r_t0, mask_ratio, mask_ratio_t0, alphas_cumprod,
             yn = torch.where(drop, net.num_classes, y[:n])
         if mask_ratio > 0:
             ids_keep, mask, ids_restore = random_masking(n, L, mask_ratio, dev, generator)
-            out = model(x_t, time_input(t), yn, ids_keep, ids_restore)
+            out = model(x_t, time_input(t), yn, ids_keep=ids_keep, ids_restore=ids_restore)
             eps_term = masked_mean(patch_mse(out[:, C:], eps, p), 1 - mask)  # visible patches
             x0_term = masked_mean(patch_mse(out[:, :C], xn, p), mask)        # masked patches
         else:

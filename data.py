@@ -46,7 +46,7 @@ class Stream:
     PROBE_NOISE = 2   # the noise of features read at t > 0 (probe.py)
     FEWSHOT = 3       # which training images a few-shot probe uses (probe.py)
     LINEAR_PROBE = 4  # the linear probe's initialisation and batch order (probe.py)
-    INIT = 6          # the network's initialisation (train.py)
+    INIT = 6          # the network's initialisation (train.py); 5 is free
 
 
 def derive_seed(*parts):
@@ -97,7 +97,7 @@ def load_cifar10(data_dir, download=True):
                 raise DataError(f"CIFAR-10 not found in {data_dir}: expected {root} or {archive}; "
                                 "download it or pass --data-dir")
             _download(CIFAR_URL, archive)
-        digest = _md5(archive)
+        digest = file_digest(archive)
         if digest != CIFAR_MD5:
             raise DataError(f"{archive} is corrupt (MD5 {digest}, expected {CIFAR_MD5}); delete it and run again")
         with tarfile.open(archive) as tar:
@@ -145,8 +145,9 @@ def _download(url, dest):
     os.replace(tmp, dest)
 
 
-def _md5(path):
-    h = hashlib.md5()
+def file_digest(path, algorithm="md5"):
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CLEAN = 0  # the time input of a clean image: the noise-free step, the probes, the sampler's last call
+CLEAN = 0  # the time input of a clean image: the noise-free step and the probes
 
 
 def time_input(t):
@@ -63,8 +63,8 @@ def patchify(x, p):
 def unpatchify(x, p, C):
     """[B, L, p*p*C] -> [B, C, H, W], the inverse of patchify for square images."""
     B, L, _ = x.shape
-    g = math.isqrt(L)
-    x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
+    g = math.isqrt(L)  # patches per side
+    x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # [B, C, row, y in patch, column, x in patch]
     return x.reshape(B, C, g * p, g * p)
 
 
@@ -81,8 +81,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPU
+        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, heads, N, D/heads]
+        x = F.scaled_dot_product_attention(*qkv)  # [B, heads, N, D/heads]; flash / memory-efficient kernels on GPU
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -122,8 +122,9 @@ class UMDModel(nn.Module):
         self.patch_size, self.channels, self.num_classes, self.dim = patch_size, channels, num_classes, dim
         self.num_patches = (img_size // patch_size) ** 2
 
-        # condition: sinusoidal time features (time input 0..T) and an optional label, each
-        # through an MLP; c = SiLU(t_emb + y_emb) feeds every adaLN linear
+        # condition: sinusoidal time features (time input 0..T; frequencies exp(-ln(10^4) k / (half - 1)),
+        # [sin, cos], as the official TimeEmb, where DiT divides by half and puts cos first) and an
+        # optional label, each through an MLP; c = SiLU(t_emb + y_emb) feeds every adaLN linear
         half = dim // 2
         self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(half) / (half - 1)), persistent=False)
         self.t_mlp = mlp2(dim)

@@ -115,7 +115,7 @@ class QuickProbe:
         rec["probe"], rec["probe_ema"] = self(model, t), self(ema, t)
         pixels = f", pixels {100 * rec['probe_pixels']:.2f}%" if "probe_pixels" in rec else ""
         tqdm.write(f"step {step}: {self.train_y.numel()}-image ridge probe {100 * rec['probe']:.2f}% "
-                   f"(EMA {100 * rec['probe_ema']:.2f}%{pixels}{', t=50' if t else ''}) in {time.time() - start:.1f}s")
+                   f"(EMA {100 * rec['probe_ema']:.2f}%{pixels}{f', t={t}' if t is not None else ''}) in {time.time() - start:.1f}s")
         return rec
 
 

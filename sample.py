@@ -59,8 +59,8 @@ def guided(model, x, t, y=None, cfg_scale=None):
 
 @torch.no_grad()
 def ddim_sample(model, shape, steps=125, y=None, cfg_scale=None, eta=1.0, generator=None, progress=False):
-    """Samples in [-1, 1]: DDIM with eta (1.0 by default) over `steps` strided steps, eps head,
-    then the x0 prediction of a final call at t = 0 (the official sampler)."""
+    """Samples in [-1, 1]: DDIM with eta (1.0 by default) over `steps` strided steps, eps head;
+    the image is the x0 implied by the eps head at a final call at t = 0 (the official sampler)."""
     dev = next(model.parameters()).device if isinstance(model, torch.nn.Module) else None
     abar = cosine_alphas_cumprod().tolist()
     C = shape[1]
@@ -95,8 +95,8 @@ def save_grid(images, path, ncol, pad=2):
 
 @torch.no_grad()
 def reconstruction_rows(model, x0, ts=(100, 300, 500, 800), seed=0):
-    """Per image: original | masked input (75%, t = 0) | reconstruction, then for each t:
-    noised + masked input (37.5%) | x0 prediction. Predictions keep the visible pixels of the
+    """Per image, at UMD's mask ratios: original | masked input (75%, clean: time input CLEAN) |
+    reconstruction, then for each t: noised + masked input (37.5%) | x0 prediction. Predictions keep the visible pixels of the
     input on the noise-free step; on noisy steps visible patches come from the eps head
     (x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)) and masked ones from the x0 head, the heads
     each region was trained with."""
@@ -104,7 +104,7 @@ def reconstruction_rows(model, x0, ts=(100, 300, 500, 800), seed=0):
     B, C, p, L = x0.shape[0], x0.shape[1], model.patch_size, model.num_patches
     pix = lambda m: unpatchify(m[:, :, None].expand(-1, -1, p * p * C), p, C)  # [B, L] -> pixel mask
     ids_keep, mask, ids_restore = random_masking(B, L, 0.75, x0.device, g)
-    out = model(x0, torch.full((B,), CLEAN, device=x0.device), None, ids_keep, ids_restore)[:, :C]
+    out = model(x0, torch.full((B,), CLEAN, device=x0.device), ids_keep=ids_keep, ids_restore=ids_restore)[:, :C]
     m = pix(mask)
     cols = [x0, x0 * (1 - m), x0 * (1 - m) + out * m]
     abar = cosine_alphas_cumprod().to(x0.device)
@@ -112,7 +112,7 @@ def reconstruction_rows(model, x0, ts=(100, 300, 500, 800), seed=0):
         tt = torch.full((B,), t, device=x0.device)
         x_t = q_sample(x0, tt, torch.randn(x0.shape, device=x0.device, generator=g), abar)
         ids_keep, mask, ids_restore = random_masking(B, L, 0.375, x0.device, g)
-        out = model(x_t, time_input(tt), None, ids_keep, ids_restore)
+        out = model(x_t, time_input(tt), ids_keep=ids_keep, ids_restore=ids_restore)
         a = abar[t].float()
         from_eps = (x_t - (1 - a).sqrt() * out[:, C:]) / a.sqrt()
         m = pix(mask)
@@ -164,8 +164,11 @@ def write_fid(samples, net, reference, args, ckpt_path, ckpt, seconds):
     from tools.fid import frechet_distance, statistics
     mu, sigma = statistics(torch.from_numpy(samples).permute(0, 3, 1, 2), net, desc="Inception features (samples)")
     value = frechet_distance(mu, sigma, reference[0], reference[1])
-    guidance = "" if args.cfg_scale is None else f"-cfg{args.cfg_scale:g}"
-    path = ckpt_path.parent / f"fid-{len(samples)}-steps{args.steps}{guidance}.json"
+    # the file name holds every setting that changes the samples, so that runs do not overwrite each other
+    tags = {f"cfg{args.cfg_scale:g}": args.cfg_scale is not None, f"class{args.class_label}": args.class_label is not None,
+            f"eta{args.eta:g}": args.eta != 1, f"seed{args.seed}": args.seed != 0, "raw": args.raw}
+    name = "-".join([f"fid-{len(samples)}-steps{args.steps}", *(tag for tag, on in tags.items() if on)])
+    path = ckpt_path.parent / f"{name}.json"
     path.write_text(json.dumps(dict(
         fid=value, n=len(samples), reference="cifar10-train", n_reference=reference[2], steps=args.steps,
         eta=args.eta, cfg_scale=args.cfg_scale, seed=args.seed, ckpt=str(ckpt_path), ckpt_step=ckpt.get("step"),
@@ -231,6 +234,8 @@ def main():
         fail(f"--class-label {args.class_label} is out of range: the checkpoint has classes 0..{k - 1}")
     if args.fid is not None and args.reconstruct:
         fail("--fid scores samples; drop --reconstruct")
+    if args.fid is not None and k is not None and args.class_label is None and args.fid % k:
+        fail(f"--fid {args.fid}: use a multiple of the {k} classes (an equal number of samples per class)")
     weights = "EMA" if ckpt.get("ema") is not None and not args.raw else "raw"
     print(f"checkpoint {ckpt_path} ({weights} weights, step {ckpt.get('step')}, "
           f"{'conditional' if k else 'unconditional'})", file=sys.stderr)
@@ -268,7 +273,8 @@ def main():
         ncol = max(1, int(len(shown) ** 0.5))
     size = save_grid(shown, out, ncol)
     if args.npz:
-        np.savez(args.npz, samples=to_uint8(samples), labels=np.array([] if labels is None else labels.numpy()))
+        with open(args.npz, "wb") as f:  # exactly this name: np.savez would add .npz to one without it
+            np.savez(f, samples=to_uint8(samples), labels=np.array([] if labels is None else labels.numpy()))
     guidance = f", cfg scale {args.cfg_scale:g}" if args.cfg_scale is not None else ""
     print(f"wrote {out} ({size[1]}x{size[0]} px): {n} samples, {args.steps} DDIM steps{guidance}, "
           f"{seconds:.1f}s" + (f"; raw samples in {args.npz}" if args.npz else ""))

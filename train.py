@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import ConfigError, get_args, resolve
+from config import NOISY_READOUT_T, ConfigError, get_args, resolve
 from corruption import cosine_alphas_cumprod, noise_free_share, umd_loss
 from data import Batches, DataError, Stream, derive_seed, load_dataset_once, to_float
 from model import CheckpointError, UMDModel, no_decay, read_checkpoint, save_atomic
@@ -74,7 +74,7 @@ def build(args, ds, device, resumed):
             if unexpected or any(not k.startswith(label) for k in missing):
                 raise ValueError("its weights do not match its model config")
         else:
-            model = UMDModel(args.model, args.patch_size, ds.train_x.shape[-1], ds.train_x.shape[1])
+            model = UMDModel(args.model, args.patch_size, img_size=ds.train_x.shape[-1], channels=ds.train_x.shape[1])
     except (RuntimeError, TypeError, ValueError) as e:  # RuntimeError: a weight of the wrong shape
         raise CheckpointError(f"{source}: cannot build its model ({str(e).splitlines()[0]})")
     if model.config["img_size"] != ds.train_x.shape[-1]:
@@ -91,14 +91,13 @@ def build(args, ds, device, resumed):
     return model, ema, opt
 
 
-def wrap(model, args, device, world, use_compile, n0_smallest):
+def wrap(model, args, device, world, use_compile, n0_last_rank):
     """DDP (several processes) and torch.compile around the same weights."""
     if world > 1:
         # DDP waits in backward for a gradient of every parameter; one that gets none (the mask
-        # token, when nothing is masked and a rank has no noise-free images: the last rank has the
-        # smallest share) makes it fail. find_unused_parameters copes, at the cost of a graph walk
-        # per step: only then.
-        unused = n0_smallest == 0 and args.mask_ratio == 0
+        # token, when nothing is masked and a rank has no noise-free images) makes it fail.
+        # find_unused_parameters copes, at the cost of a graph walk per step: only then.
+        unused = n0_last_rank == 0 and args.mask_ratio == 0
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
     if use_compile:  # static shapes: each group of a UMD step has a fixed token count, so 2 graphs
         model = torch.compile(model, dynamic=False)
@@ -127,7 +126,8 @@ def update_ema(ema_params, params, decay):
 
 class LossMeter:
     """Sums of the losses since the last log point, kept on the device, and the first step whose
-    loss was not finite: read() is the one place where the host waits for the device."""
+    loss was not finite. Read only at log points: there (and in the DDP stop-flag sync beside
+    it) and nowhere else the host waits for the device."""
 
     def __init__(self, device):
         self.zero = torch.zeros((), device=device)
@@ -235,16 +235,18 @@ def train(args):
     step = resumed["step"] if resumed else 0
     conditional = model.num_classes is not None
     n0 = noise_free_share(args.batch_size, args.r_t0, rank, world)  # this rank's noise-free images
-    net = wrap(model, args, device, world, use_compile, noise_free_share(args.batch_size, args.r_t0, world - 1, world))
+    n0_last_rank = noise_free_share(args.batch_size, args.r_t0, world - 1, world)  # the smallest share
+    net = wrap(model, args, device, world, use_compile, n0_last_rank)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # loss scaling, for fp16 only
     if resumed and resumed.get("scaler"):
         scaler.load_state_dict(resumed["scaler"])
     alphas_cumprod = cosine_alphas_cumprod().to(device)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     gen = torch.Generator(device)
+    # every rank stops at the probe steps (they are log points, with collectives); rank 0 probes
     probe = QuickProbe(ds) if main_process and args.probe_every > 0 else None
-    probe_t = 50 if args.r_t0 == 0 else None  # dit/maskdit never see clean images: read x_t at t = 50
-    probe_steps = max(1, round(args.probe_every * steps_per_epoch)) if probe else 0
+    probe_t = NOISY_READOUT_T if args.r_t0 == 0 else None  # dit/maskdit: read x_t, never trained on clean images
+    probe_steps = max(1, round(args.probe_every * steps_per_epoch)) if args.probe_every > 0 else 0
 
     # Start the run directory and say what runs
     n_params = sum(p.numel() for p in params)
@@ -253,20 +255,22 @@ def train(args):
                     steps_per_epoch=steps_per_epoch, total_steps=total_steps, params=n_params, torch=torch.__version__)
         start_run_dir(out, info, step, args.resume)
     if auto_recipe and args.recipe == "cpu":
-        say(f"no CUDA device: the CPU {'fine-tune ' if args.finetune else ''}recipe ({args.model}/p{args.patch_size}, "
+        say(f"on the CPU: the CPU {'fine-tune ' if args.finetune else ''}recipe ({args.model}/p{args.patch_size}, "
             f"batch {args.batch_size}, {args.epochs:g} epochs; README \"Measured here\"); --recipe gpu for the official one")
     say(f"{args.method}: {args.model}/p{args.patch_size}, {n_params / 1e6:.2f}M params, "
         f"{'conditional, ' if conditional else ''}batch {args.batch_size} on {world}x {device}, peak lr {peak_lr:.3g}, "
         f"amp {amp}, compile {use_compile}; steps {step} -> {stop_step} of {total_steps} ({steps_per_epoch}/epoch); "
         f"writing {out}")
     log_file = open(out / "log.jsonl" if main_process else os.devnull, "a")
-    if probe and step == 0:  # the untrained network and raw pixels: the numbers to beat
-        write_log(log_file, {"step": 0, "epoch": 0.0, **probe.report(model, ema, probe_t, 0)})
 
     # Train
-    meter, saved_step, last_save, last_loss = LossMeter(device), step if resumed else None, time.time(), float("nan")
+    meter = LossMeter(device)
+    saved_step = step if resumed else None  # the step of the checkpoint on disk, for the abort message
+    last_save, last_loss = time.time(), float("nan")
     bar = tqdm(total=stop_step, initial=step, disable=not main_process, desc=out.name, unit="step", dynamic_ncols=True)
     with stop_on_signal() as stop, log_file:
+        if probe and step == 0:  # the untrained network and raw pixels: the numbers to beat
+            write_log(log_file, {"step": 0, "epoch": 0.0, **probe.report(model, ema, probe_t, 0)})
         try:
             while step < stop_step:
                 # the step's learning rate and randomness, from (seed, step) alone: resume is exact
@@ -321,6 +325,8 @@ def train(args):
                 meter.restart()
                 if stop["signal"]:
                     bar.close()
+                    if world > 1:  # the other ranks wait for rank 0's checkpoint: torchrun ends the job with the first
+                        dist.barrier()
                     say(f"interrupted at step {step}: checkpoint saved to {out / 'ckpt.pt'}; continue with --resume --out {out}")
                     return 130
         except KeyboardInterrupt:  # a second Ctrl-C: no time to save
@@ -345,8 +351,8 @@ def main(argv=None):
     except (DataError, CheckpointError, ConfigError, TrainError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to keep
-        print("train.py: interrupted before the first step; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which handles its own)
+        print("train.py: interrupted; the last checkpoint on disk, if any, is kept", file=sys.stderr)
         code = 130
     if dist.is_initialized():
         dist.destroy_process_group()

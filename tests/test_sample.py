@@ -146,10 +146,11 @@ def test_sample_cli(tiny_run, ft_run, cifar_dir, tmp_path):
     (["--steps", "0"], "--steps 0"),
     (["--steps", "1001"], "--steps 1001"),
     (["--eta", "1.5"], "--eta 1.5"),
+    (["--fid", "25", "--ckpt", "{ft}"], "multiple of the 10 classes"),
     (["--ckpt", "{tmp}/nothing.pt"], "no such file"),
 ])
-def test_sample_cli_errors(args, message, tiny_run, tmp_path):
-    argv = [a.format(tmp=tmp_path) for a in args]
+def test_sample_cli_errors(args, message, tiny_run, ft_run, tmp_path):
+    argv = [a.format(tmp=tmp_path, ft=ft_run) for a in args]
     if "--ckpt" not in argv:
         argv += ["--ckpt", str(tiny_run / "ckpt.pt")]
     r = run_script("sample.py", *argv)

@@ -111,6 +111,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path
     (["--lr", "nan", "--out", "{tmp}/x"], "--lr nan is not a finite number"),
     (["--epochs", "inf", "--out", "{tmp}/x"], "--epochs inf is not a finite number"),
     (["--ema-decay", "1.5", "--out", "{tmp}/x"], "--ema-decay"),
+    (["--beta2", "1.0", "--out", "{tmp}/x"], "--beta2"),
+    (["--grad-clip", "0", "--out", "{tmp}/x"], "--grad-clip"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")

@@ -45,16 +45,20 @@ from sample import class_labels, generate, to_uint8  # noqa: E402
 from tools.bench import step_flops  # noqa: E402
 from tools.fid import FIDError, Inception, fid_of_images  # noqa: E402
 
-# The presets, measured (README "The comparison"): cpu fits 2 cores in about 2.5 hours; gpu is
+# The presets (README "The comparison"): cpu fits 2 cores in about 2.5 hours, measured; gpu is
 # sized for about 9 minutes of one H100/H200 from the analytic FLOPs, not yet run on one.
+# The fine-tunes are short, so their EMA is too: the official 1 - 1e-4 * batch / 256 would leave
+# it at the pre-trained weights.
 PRESETS = dict(
-    cpu=dict(model="tiny", patch_size=4, batch_size=128, lr=1e-3, epochs=2.0, finetune_epochs=0.3,
-             finetune_batch_size=128, finetune_lr=5e-4, fid=1000, fid_steps=25, cfg_scale=2.0, device="cpu"),
+    cpu=dict(model="tiny", patch_size=4, batch_size=128, lr=1e-3, epochs=1.0, finetune_epochs=0.3,
+             finetune_batch_size=128, finetune_lr=5e-4, finetune_ema_decay=0.99, fid=1000, fid_steps=25,
+             cfg_scale=2.0, device="cpu"),
     gpu=dict(model="small", patch_size=2, batch_size=1024, lr=1.5e-4, epochs=8.0, finetune_epochs=2.0,
-             finetune_batch_size=256, finetune_lr=1.5e-4, fid=10000, fid_steps=50, cfg_scale=2.0, device="cuda"),
+             finetune_batch_size=256, finetune_lr=1.5e-4, finetune_ema_decay=0.999, fid=10000, fid_steps=50,
+             cfg_scale=2.0, device="cuda"),
 )
 PICTURE_PER_CLASS = 8  # samples per class drawn in compare.png
-RUNTIME = ("methods", "data_dir", "device", "out", "preset")  # may differ between runs of one comparison
+RUNTIME = ("methods", "data_dir", "device", "out")  # may differ between runs of one comparison
 
 
 class CompareError(Exception):
@@ -91,22 +95,22 @@ def check(args):
     unknown = [m for m in args.methods if m not in config.METHODS]
     if unknown or not args.methods:
         raise CompareError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(config.METHODS)}")
-    if args.fid < 0 or args.fid_steps < 1 or args.epochs <= 0 or args.finetune_epochs <= 0:
-        raise CompareError("--fid must be >= 0, --fid-steps >= 1, the epochs positive")
+    if args.fid < 0 or args.fid % len(CIFAR_CLASSES) or args.fid_steps < 1 or args.epochs <= 0 or args.finetune_epochs <= 0:
+        raise CompareError("--fid must be 0 or a multiple of the 10 classes, --fid-steps >= 1, the epochs positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CompareError("this preset (or --device cuda) needs CUDA; use --preset cpu or --device cpu")
-    out = Path(args.out)
-    settings = {k: v for k, v in vars(args).items() if k not in RUNTIME}
-    saved = out / "settings.json"
+    saved = Path(args.out) / "settings.json"
     if saved.exists():
         old = json.loads(saved.read_text())
-        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
+        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {v}" for k, v in settings(args).items() if old.get(k) != v]
         if changed:
-            raise CompareError(f"{out} holds a comparison with other settings ({'; '.join(changed)}); "
+            raise CompareError(f"{args.out} holds a comparison with other settings ({'; '.join(changed)}); "
                                "rerun it with its own settings or pass another --out")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_atomic(json.dumps(settings, indent=2) + "\n", saved)
+
+
+def settings(args):
+    """What a comparison's results depend on: the same in every run of it."""
+    return {k: v for k, v in vars(args).items() if k not in RUNTIME}
 
 
 # ----------------------------------------------------------------------------- stages
@@ -153,7 +157,8 @@ def stage_probe(m, d, args, ds, t=None):
 def stage_finetune(m, d, args, ds):
     return run_training(d / "finetune", ["--finetune", d / "pretrain" / "ckpt.pt", "--recipe", args.preset,
                                          "--epochs", args.finetune_epochs, "--batch-size", args.finetune_batch_size,
-                                         "--lr", args.finetune_lr, "--seed", args.seed, "--probe-every", 0], args)
+                                         "--lr", args.finetune_lr, "--ema-decay", args.finetune_ema_decay,
+                                         "--seed", args.seed, "--probe-every", 0], args)
 
 
 def stage_samples(m, d, args, ds):
@@ -161,9 +166,9 @@ def stage_samples(m, d, args, ds):
     labels = class_labels(model, args.fid or PICTURE_PER_CLASS * model.num_classes)  # equal per class
     start = time.time()
     samples = generate(model, labels, len(labels), args.fid_steps, args.cfg_scale, seed=args.seed, desc=f"{m} samples")
-    tmp = d / "samples.tmp.npz"
-    np.savez(tmp, samples=to_uint8(samples), labels=labels.numpy())
-    os.replace(tmp, d / "samples.npz")
+    with open(d / "samples.npz.tmp", "wb") as f:
+        np.savez(f, samples=to_uint8(samples), labels=labels.numpy())
+    os.replace(d / "samples.npz.tmp", d / "samples.npz")
     return dict(n=len(labels), steps=args.fid_steps, cfg_scale=args.cfg_scale, seconds=time.time() - start)
 
 
@@ -175,7 +180,8 @@ def stage_fid(m, d, args, ds):
         print(f"  FID waits: {e}. Then rerun this command, or: python tools/fid.py {d / 'samples.npz'} cifar10-train")
         return None
     start = time.time()
-    images = torch.from_numpy(np.load(d / "samples.npz")["samples"]).permute(0, 3, 1, 2)
+    with np.load(d / "samples.npz") as data:
+        images = torch.from_numpy(data["samples"]).permute(0, 3, 1, 2)
     value = fid_of_images(images, "cifar10-train", args.data_dir, net)
     return dict(fid=value, n=len(images), steps=args.fid_steps, cfg_scale=args.cfg_scale, reference="cifar10-train",
                 network_sha256=net.sha256, seconds=time.time() - start)
@@ -188,7 +194,7 @@ def stages(args):
         out.append((m, "pretrain", "pretrain.json", stage_pretrain))
         out.append((m, "probe", "probe.json", stage_probe))
         if config.METHODS[m]["r_t0"] == 0:  # never trained on clean images: the official read-out
-            out.append((m, "probe-t50", "probe-t50.json", functools.partial(stage_probe, t=50)))
+            out.append((m, "probe-t50", "probe-t50.json", functools.partial(stage_probe, t=config.NOISY_READOUT_T)))
         out.append((m, "finetune", "finetune.json", stage_finetune))
         out.append((m, "samples", "samples.json", stage_samples))
         if args.fid > 0:
@@ -198,8 +204,10 @@ def stages(args):
 
 # ----------------------------------------------------------------------------- summary
 def machine():
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return dict(cpu=cpu, cores=os.cpu_count(), gpu=gpu, torch=torch.__version__, python=platform.python_version())
 
@@ -283,9 +291,10 @@ def picture(args, path, extra=None, label_w=70, gap=12):
         d = Path(args.out) / m
         if not (d / "samples.npz").exists():
             continue
-        data = np.load(d / "samples.npz")
-        per = len(data["labels"]) // len(CIFAR_CLASSES)
-        tiles = data["samples"].reshape(len(CIFAR_CLASSES), per, *data["samples"].shape[1:])[:, :PICTURE_PER_CLASS]
+        with np.load(d / "samples.npz") as data:
+            samples = data["samples"]
+        per = len(samples) // len(CIFAR_CLASSES)
+        tiles = samples.reshape(len(CIFAR_CLASSES), per, *samples.shape[1:])[:, :PICTURE_PER_CLASS]
         h, w = tiles.shape[2:4]
         grid = Image.new("RGB", (PICTURE_PER_CLASS * (w + 2), len(CIFAR_CLASSES) * (h + 2)), "white")
         for c, row in enumerate(tiles):
@@ -323,8 +332,11 @@ def main(argv=None):
     try:
         check(args)
         ds = load_dataset("cifar10", args.data_dir)  # a missing dataset fails now, in one line
-        todo = stages(args)
         out, start = Path(args.out), time.time()
+        if not (out / "settings.json").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "settings.json", settings(args))
+        todo = stages(args)
         for i, (m, name, result, run) in enumerate(todo):
             d = out / m
             d.mkdir(exist_ok=True)

