@@ -50,9 +50,9 @@ stage="bench"
 timeout "${budget[1]}" python tools/bench.py --compare "${bench[@]}" 2>&1 | tee "$out/bench.log"
 stage="train"
 rm -rf "$out/run"
-# SIGINT at the time limit: train.py finishes its step, saves and exits with 130
+# SIGINT at the time limit: train.py finishes its step, saves and exits with 130 (kept as the exit status)
 set +e
-timeout -s INT "${budget[2]}" python train.py --dataset cifar10 --data-dir "$work" --out "$out/run" "${run[@]}" \
+timeout --preserve-status -s INT "${budget[2]}" python train.py --dataset cifar10 --data-dir "$work" --out "$out/run" "${run[@]}" \
   > "$out/train.log" 2>&1
 code=$?
 set -e
