@@ -139,8 +139,8 @@ def _download(url, dest):
                     bar.update(len(chunk))
     except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
         tmp.unlink(missing_ok=True)
-        raise DataError(f"CIFAR-10 not found in {dest.parent} and the download failed ({e}); put {url} "
-                        f"(or the folder it unpacks to) at {dest} (or {dest.parent / 'cifar-10-batches-py'}), "
+        raise DataError(f"CIFAR-10 not found in {dest.parent} and the download failed ({e}); put {dest.name} "
+                        f"from {url} in {dest.parent}/ (or its unpacked folder at {dest.parent / 'cifar-10-batches-py'}), "
                         "or pass --data-dir")
     os.replace(tmp, dest)
 

@@ -70,6 +70,9 @@ def test_failed_download_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="download") as e:
         load_cifar10(tmp_path / "empty")
     assert "--data-dir" in str(e.value) and not list((tmp_path / "empty").glob("*.part"))
+    # it says exactly where the files go
+    assert f"put cifar-10-python.tar.gz from http://127.0.0.1:9/cifar-10-python.tar.gz in {tmp_path / 'empty'}/" in str(e.value)
+    assert str(tmp_path / "empty" / "cifar-10-batches-py") in str(e.value)
     with pytest.raises(DataError, match="not found"):
         load_cifar10(tmp_path / "empty", download=False)
 
