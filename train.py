@@ -131,29 +131,36 @@ class LossMeter:
 
     def __init__(self, device):
         self.zero = torch.zeros((), device=device)
-        self.sums = torch.zeros(3, device=device)  # loss, loss_t0, loss_t
+        self.sums = torch.zeros(3, device=device)    # loss, loss_t0, loss_t
+        self.counts = torch.zeros(3, device=device)  # steps that had each (a DDP rank may have no noise-free images)
+        self.present = None
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.restart()
 
     def restart(self):
         """Start a new log interval (probes and checkpoints are not training time)."""
         self.sums.zero_()
+        self.counts.zero_()
         self.steps, self.start = 0, time.time()
 
     @torch.no_grad()
     def add(self, step, loss, stats):
         loss = loss.detach()
+        if self.present is None:  # which groups this rank has is the same at every step
+            self.present = torch.tensor([1.0, "loss_t0" in stats, "loss_t" in stats], device=self.sums.device)
         self.sums += torch.stack([loss, stats.get("loss_t0", self.zero), stats.get("loss_t", self.zero)])
+        self.counts += self.present
         self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), step + 1, self.bad_step)
         self.steps += 1
 
     def read(self, world):
         """(mean loss, loss_t0, loss_t over the interval and the ranks, steps, seconds, bad step)."""
         if world > 1:
-            dist.all_reduce(self.sums)
+            for t in (self.sums, self.counts):
+                dist.all_reduce(t)
             dist.all_reduce(self.bad_step, op=dist.ReduceOp.MAX)
-            self.sums /= world
-        return (self.sums / self.steps).tolist(), self.steps, time.time() - self.start, self.bad_step.item()
+        means = (self.sums / self.counts.clamp(min=1)).tolist()
+        return means, self.steps, time.time() - self.start, self.bad_step.item()
 
 
 @contextlib.contextmanager
