@@ -1,5 +1,9 @@
 """Data: CIFAR-10 (download, verify, parse) and image folders, held as uint8 tensors; seeded,
-augmented training batches made on the device (no DataLoader workers needed at 32x32)."""
+augmented training batches made on the device (no DataLoader workers needed at 32x32).
+
+References: CIFAR-10 (Krizhevsky 2009), www.cs.toronto.edu/~kriz/cifar.html, its python version;
+the augmentation is the official UMD one (github.com/philippe-eecs/small-vision,
+big_vision/configs/ae_i1k.py: inception crop of 80-100% of the area, horizontal flip)."""
 import hashlib
 import math
 import os

@@ -241,7 +241,7 @@ def build_model(size="small", patch_size=2, img_size=32, num_classes=None, chann
 
 
 def no_decay(name):
-    """Parameters kept out of weight decay (official no_decay_list: cls, mask embedding, biases)."""
+    """Parameters kept out of weight decay (small-vision models/ae.py no_decay_list: cls, mask embedding, biases)."""
     return name.endswith("bias") or name in ("cls_tokens", "mask_token")
 
 

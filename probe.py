@@ -4,6 +4,12 @@
     python probe.py runs/umd-small-p2/ckpt.pt               # linear probe, the number people quote
     python probe.py runs/umd-small-p2/ckpt.pt --mode all    # linear + few-shot + kNN, one extraction
     python probe.py --pixels --mode all                     # the floor every representation must beat
+
+References:
+  "official": the UMD code, github.com/philippe-eecs/small-vision (big_vision/evaluators/fewshot_lsr.py,
+      the few-shot ridge probe; big_vision/trainers/train_ae.py "noised_predict", the t = 50 read-out)
+  linear probe: MAE (He et al., arXiv 2111.06377), github.com/facebookresearch/mae main_linprobe.py
+  weighted kNN: Wu et al. 2018 (InstDisc), arXiv 1805.01978; DINO (Caron et al.), arXiv 2104.14294
 """
 import argparse
 import json
