@@ -139,6 +139,42 @@ def test_every_kind_of_input(standin, cifar_dir, tmp_path):
     assert fid.stats_of("cifar10-test", cifar_dir, net, limit=30)[2] == 30
 
 
+def test_reference_statistics_resume_where_they_stopped(standin, cifar_dir, tmp_path):
+    """The reference statistics take hours on a CPU: a stopped run keeps its finished chunks, and
+    the resumed run computes only the rest and gives the same statistics as one uninterrupted run."""
+    net = Inception(standin)
+    images = fid.read_input("cifar10-train", cifar_dir)[1]
+    mu, sigma = fid.statistics(images, net, batch_size=10)
+    calls, real = [], net.layers
+
+    def stop_after(n):
+        def layers(x):
+            calls.append(len(x))
+            if len(calls) > n:
+                raise KeyboardInterrupt
+            return real(x)
+        return layers
+
+    cache, parts = tmp_path / "stats.npz", tmp_path / "stats.npz.parts"
+    net.layers = stop_after(7)  # 200 images, batches of 10, chunks of 2 batches: stop in the 4th chunk
+    with pytest.raises(KeyboardInterrupt):
+        fid.resumable_features(images, parts, net, 10, None, chunk_batches=2)
+    assert sorted(f.name for f in parts.glob("*.npy")) == ["000000.npy", "000020.npy", "000040.npy"]
+    calls.clear()
+    net.layers = stop_after(10**6)
+    feats = fid.resumable_features(images, parts, net, 10, None, chunk_batches=2)
+    assert len(calls) == 20 - 6  # the finished chunks were not computed again
+    np.testing.assert_array_equal(feats.mean(0), mu)
+    np.testing.assert_array_equal(np.cov(feats, rowvar=False), sigma)
+    # a different batching is another computation: its chunks start over
+    calls.clear()
+    fid.resumable_features(images, parts, net, 20, None, chunk_batches=2)
+    assert len(calls) == 10
+    # the cached route cleans up after itself
+    fid.cached_statistics(images, cache, net, 10, None)
+    assert cache.exists() and not (tmp_path / "stats.npz.parts").exists()
+
+
 def test_cli(standin, cifar_dir, tmp_path):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "a.npz", samples=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8))

