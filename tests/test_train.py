@@ -193,6 +193,16 @@ def test_default_recipe_fits_the_machine(tiny_run, monkeypatch):
     assert resolve("--out", "/nonexistent/x").recipe == "gpu"
 
 
+def test_first_line_says_which_recipe_runs_on_the_cpu(cifar_dir, tmp_path):
+    common = ["--data-dir", cifar_dir, "--device", "cpu", "--probe-every", "0", "--max-steps", 1]
+    r = run_script("train.py", *common, "--out", tmp_path / "a")  # no size or schedule flag
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("on the CPU: the CPU recipe (batch 128, 2.5 epochs, tiny/p4;")
+    r = run_script("train.py", *common, "--model", "tiny", "--patch-size", 8, "--batch-size", 32, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr  # a size flag: the GPU recipe's other defaults, and the line says so
+    assert r.stdout.splitlines()[0].startswith("on the CPU with a size or schedule flag: the GPU recipe (batch 32, 800 epochs)")
+
+
 def test_help_shows_every_recipe_value(capsys):
     with pytest.raises(SystemExit):
         config.get_args(["--help"])
@@ -215,11 +225,19 @@ def test_noise_free_share_of_the_global_batch():
         assert sum(shares) == int(batch * r_t0) and max(shares) - min(shares) <= 1
 
 
-@pytest.mark.parametrize("method", ["umd", "dit"])  # dit leaves the mask token without a gradient
-def test_two_process_gloo_run_under_torchrun(cifar_dir, tmp_path, method):
+@pytest.mark.parametrize("flags", [
+    ["--method", "umd"],
+    ["--method", "dit"],  # the mask token gets no gradient on any rank
+    # one noise-free image in the batch: one rank runs two forwards, the other one, and only the
+    # first uses the mask token
+    ["--finetune", "{tiny_run}"],
+], ids=["umd", "dit", "finetune"])
+def test_two_process_gloo_run_under_torchrun(cifar_dir, tiny_run, tmp_path, flags):
     out = tmp_path / "ddp"
+    flags = [str(tiny_run / "ckpt.pt") if f == "{tiny_run}" else f for f in flags]
+    tiny = TINY if flags[0] != "--finetune" else TINY[4:]  # a fine-tune keeps the checkpoint's network
     r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-                   "--data-dir", cifar_dir, *TINY, "--method", method, "--max-steps", 3, "--out", out)
+                   "--data-dir", cifar_dir, *tiny, *flags, "--max-steps", 3, "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert [rec["step"] for rec in log(out)] == [1, 2, 3]  # one log, written by rank 0 only
