@@ -165,9 +165,9 @@ def write_fid(samples, net, reference, args, ckpt_path, ckpt, seconds):
     mu, sigma = statistics(torch.from_numpy(samples).permute(0, 3, 1, 2), net, desc="Inception features (samples)")
     value = frechet_distance(mu, sigma, reference[0], reference[1])
     # the file name holds every setting that changes the samples, so that runs do not overwrite each other
-    tags = {f"cfg{args.cfg_scale:g}": args.cfg_scale is not None, f"class{args.class_label}": args.class_label is not None,
-            f"eta{args.eta:g}": args.eta != 1, f"seed{args.seed}": args.seed != 0, "raw": args.raw}
-    name = "-".join([f"fid-{len(samples)}-steps{args.steps}", *(tag for tag, on in tags.items() if on)])
+    tags = [args.cfg_scale is not None and f"cfg{args.cfg_scale:g}", args.class_label is not None and f"class{args.class_label}",
+            args.eta != 1 and f"eta{args.eta:g}", args.seed != 0 and f"seed{args.seed}", args.raw and "raw"]
+    name = "-".join([f"fid-{len(samples)}-steps{args.steps}", *filter(None, tags)])
     path = ckpt_path.parent / f"{name}.json"
     path.write_text(json.dumps(dict(
         fid=value, n=len(samples), reference="cifar10-train", n_reference=reference[2], steps=args.steps,

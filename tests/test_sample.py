@@ -170,6 +170,11 @@ def test_sample_fid(ft_run, cifar_dir, standin, tmp_path):
     assert res["n"] == 20 and res["fid"] > 0 and res["cfg_scale"] == 2 and res["reference"] == "cifar10-train"
     assert f"FID-20 against CIFAR-10 train: {res['fid']:.2f}" in r.stdout
     assert Image.open(tmp_path / "s.png").size == (2 * 34 + 2, 10 * 34 + 2)  # one row per class
+    # without --cfg-scale (conditional samples, no guidance) the file name has no cfg tag
+    r = run_script("sample.py", "--ckpt", ft_run, "--fid", "20", "--steps", "1", "--inception", standin,
+                   "--data-dir", cifar_dir, "--out", tmp_path / "u.png")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((ft_run.parent / "fid-20-steps1.json").read_text())["cfg_scale"] is None
     # a missing network fails at once, before any sampling
     r = run_script("sample.py", "--ckpt", ft_run, "--fid", "20", "--inception", tmp_path / "none.pt")
     errors = [l for l in r.stderr.splitlines() if l.startswith("sample.py: error")]
