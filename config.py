@@ -3,8 +3,9 @@ RUN_DEFAULTS below; the --help text is made from them).
 
 A run's settings come, for each one, from the flag if it was given, else from the method preset
 (METHODS), else from the recipe's column (RECIPES); --resume takes the saved run's settings.
-The recipes are the official ones (github.com/philippe-eecs/small-vision,
-big_vision/configs/ae_i1k.py and the README's fine-tuning commands) and a CPU version of each.
+The recipes take the official hyper-parameters (github.com/philippe-eecs/small-vision:
+big_vision/configs/ae_i1k.py, written for ImageNet, and the fine-tuning commands of its README)
+to CIFAR-10, and add a CPU version of each.
 """
 import argparse
 import math
@@ -23,15 +24,15 @@ METHODS = {
     "maskdit": dict(r_t0=0.0, mask_ratio_t0=0.75, mask_ratio=0.5),
 }
 # The fine-tune keeps a small noise-free share for the methods that have one and masks nothing
-# (the official README's fine-tuning commands: no_noise_prob 0.05 or 0, mask_ratio 0).
+# (small-vision's README, fine-tuning commands: no_noise_prob 0.05 or 0, mask_ratio 0).
 FINETUNE_METHODS = {m: dict(r_t0=0.05 if s["r_t0"] > 0 else 0.0, mask_ratio=0.0) for m, s in METHODS.items()}
 # dit and maskdit never see a clean image: the official code reads their features of x_t at t = 50.
 NOISY_READOUT_T = 50
 
 # Every other default, in one place; the --help text is made from this table. Columns:
-#   gpu           the official pre-training recipe (configs/ae_i1k.py), on CIFAR-10 at small/2,
+#   gpu           the official pre-training hyper-parameters (configs/ae_i1k.py), on CIFAR-10 at small/2,
 #                 the paper's 16x16 grid of tokens
-#   cpu           beats the raw-pixel probe in about 25 minutes on 2 cores (README "Measured here")
+#   cpu           beats the raw-pixel probe in about 25 minutes on 2 cores (README "Quick start")
 #   finetune-gpu  the official class-conditional fine-tune (README of small-vision)
 #   finetune-cpu  about 8 minutes of it on 2 cores, enough to see guidance at work; its EMA is
 #                 shorter, since a 1e-4 step would leave it at the pre-trained weights
@@ -79,7 +80,7 @@ def get_args(argv=None):
     a("--img-size", type=int, help="image size for --dataset folder" + d["img_size"])
     a("--method", choices=list(METHODS), help="loss preset (default umd; on --finetune, the checkpoint's)")
     a("--recipe", choices=["auto", "gpu", "cpu"], help="default auto: cpu without CUDA when no size or "
-      "schedule flag is given, else gpu (the official recipe)")
+      "schedule flag is given, else gpu (the official hyper-parameters)")
     a("--r-t0", type=float, help="share of each batch on the noise-free step (from --method; umd 0.5)")
     a("--mask-ratio-t0", type=float, help="patches dropped on the noise-free step (from --method; 0.75)")
     a("--mask-ratio", type=float, help="patches dropped on noisy steps (from --method; umd 0.375)")

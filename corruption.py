@@ -98,9 +98,10 @@ def umd_loss(model, x0, *, r_t0, mask_ratio, mask_ratio_t0, alphas_cumprod,
         stats["loss_t0"] = loss_t0.detach()
 
     # 2. Mixed step (masked DiT): noise the whole image, then drop patches; the network predicts
-    #    the noise where it can see x_t and the clean image where it cannot.
+    #    the noise where it can see x_t and the clean image where it cannot (the noise of a hidden
+    #    patch is independent of everything visible: only its content can be inferred).
     if n0 < B:
-        xn, n = x0[:B - n0], B - n0
+        xn, n = x0[:B - n0], B - n0  # the clean images of the mixed group
         t = torch.randint(0, len(alphas_cumprod), (n,), device=dev, generator=generator)
         eps = torch.randn(xn.shape, device=dev, generator=generator)
         x_t = q_sample(xn, t, eps, alphas_cumprod)

@@ -7,7 +7,7 @@ probed, fine-tuned with labels, sampled and scored.
     python tools/compare.py --model tiny --patch-size 8 --epochs 0.05 --finetune-epochs 0.02 --fid 0
 
 For each method, one stage after another, each writing its result into OUT/<method>/:
-  pretrain   train.py (the EMA weights are what the next stages read)
+  pretrain   train.py (probes read its EMA weights; the fine-tune starts from its raw ones)
   probe      probe.py: linear, 100-shot ridge and 20-NN on clean images; dit and maskdit also on
              x_t at t = 50, their official read-out (probe-t50)
   finetune   train.py --finetune: class-conditional, classifier-free guidance
