@@ -50,7 +50,7 @@ class Stream:
     PROBE_NOISE = 2   # the noise of features read at t > 0 (probe.py)
     FEWSHOT = 3       # which training images a few-shot probe uses (probe.py)
     LINEAR_PROBE = 4  # the linear probe's initialisation and batch order (probe.py)
-    INIT = 6          # the network's initialisation (train.py); 5 is free
+    INIT = 6          # the network's initialisation (train.py); 5 is retired: old seeds keep their runs
 
 
 def derive_seed(*parts):

@@ -33,7 +33,7 @@ def time_input(t):
     return t + 1
 
 
-# width, encoder depth, decoder depth, heads. S/B/L are the official sizes; tiny is for CPUs.
+# width, encoder depth, decoder depth, heads. small/base/large are the official sizes; tiny is for CPUs.
 SIZES = {
     "tiny": (192, 6, 2, 3),
     "small": (384, 12, 4, 6),
@@ -204,11 +204,11 @@ class UMDModel(nn.Module):
 
 def initialize_weights(model):
     """Initialisation. Where it follows the official code (small-vision big_vision/models/ae.py,
-    vit.py, embeddings.py) and where it follows DiT (facebookresearch/DiT models.py) instead:
-    - official: position embeddings N(0, 1/L); class tokens 0; mask token N(0, 0.02); block MLPs
+    big_vision/models/vit.py, big_vision/models/embeddings.py) and where it follows DiT (facebookresearch/DiT models.py) instead:
+    - official: position embeddings normal with std 1/sqrt(L); class tokens 0; mask token std 0.02; block MLPs
       xavier-uniform; every adaLN linear and the final modulation at zero (adaLN-Zero: blocks start
-      as the identity, the output unmodulated); output head N(0, 0.02) (officially a
-      ConvTranspose with k = stride = p, the same map); label embedding N(0, 1/d), flax's nn.Embed
+      as the identity, the output unmodulated); output head std 0.02 (officially a
+      ConvTranspose with k = stride = p, the same map); label embedding std 1/sqrt(d), flax's nn.Embed
       default, so that a fresh label branch barely moves a pre-trained condition;
     - DiT, not official: the patch embedding is xavier-uniform on the flattened kernel (official:
       lecun-normal, about 4x larger at p = 2); q, k, v are one fused xavier-uniform Linear, so each
@@ -241,7 +241,7 @@ def build_model(size="small", patch_size=2, img_size=32, num_classes=None, chann
 
 
 def no_decay(name):
-    """Parameters kept out of weight decay (small-vision models/ae.py no_decay_list: cls, mask embedding, biases)."""
+    """Parameters kept out of weight decay (small-vision big_vision/models/ae.py no_decay_list: cls, mask embedding, biases)."""
     return name.endswith("bias") or name in ("cls_tokens", "mask_token")
 
 
