@@ -146,12 +146,12 @@ class UMDModel(nn.Module):
         self.head = nn.Linear(dim, patch_size * patch_size * 2 * channels)
         initialize_weights(self)
 
-    def condition(self, t, y=None):
-        """c [B, d] = SiLU(t_mlp(sinusoidal(t)) + y_mlp(y_embed(y))), the input of every adaLN."""
-        args = t.float()[:, None] * self.freqs[None]
+    def condition(self, time_in, y=None):
+        """c [B, d] = SiLU(t_mlp(sinusoidal(time_in)) + y_mlp(y_embed(y))), the input of every adaLN."""
+        args = time_in.float()[:, None] * self.freqs[None]
         c = self.t_mlp(torch.cat([args.sin(), args.cos()], dim=-1))
         if self.num_classes is not None:  # no label given: the null label (unconditional)
-            y = torch.full_like(t, self.num_classes) if y is None else y
+            y = torch.full_like(time_in, self.num_classes) if y is None else y
             c = c + self.y_mlp(self.y_embed(y))
         return F.silu(c)
 
@@ -185,21 +185,21 @@ class UMDModel(nn.Module):
         x = self.head(modulate(x, shift, scale))  # [B, L, p * p * 2C]
         return unpatchify(x, self.patch_size, 2 * self.channels)  # [B, 2C, H, W]
 
-    def forward(self, x, t, y=None, ids_keep=None, ids_restore=None):
-        """x [B, C, H, W]; t: LongTensor[B] time input (CLEAN = 0, or time_input(t) when noised);
+    def forward(self, x, time_in, y=None, ids_keep=None, ids_restore=None):
+        """x [B, C, H, W]; time_in: LongTensor[B], CLEAN (= 0) or time_input(t) for diffusion step t;
         y: labels [B] or None (the null label); ids_keep/ids_restore from
         corruption.random_masking (None = no masking).
         Returns [B, 2C, H, W]: channels [:C] predict x0, [C:] predict eps."""
-        c = self.condition(t, y)  # [B, d]
+        c = self.condition(time_in, y)  # [B, d]
         rep, x = self.encode(x, c, ids_keep)  # [B, d], [B, n_keep, d]
         return self.decode(rep, x, c, ids_restore)
 
     @torch.no_grad()
-    def features(self, x, t=None):
+    def features(self, x, time_in=None):
         """The representation [B, d]: mean of the class tokens (encoder only, no masking); the
-        clean image (time input CLEAN) unless a time input t is given."""
-        t = torch.full((x.shape[0],), CLEAN, device=x.device) if t is None else t
-        return self.encode(x, self.condition(t))[0]
+        clean image (time input CLEAN) unless another time input is given."""
+        time_in = torch.full((x.shape[0],), CLEAN, device=x.device) if time_in is None else time_in
+        return self.encode(x, self.condition(time_in))[0]
 
 
 def initialize_weights(model):
