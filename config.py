@@ -32,9 +32,9 @@ NOISY_READOUT_T = 50
 # Every other default, in one place; the --help text is made from this table. Columns:
 #   gpu           the official pre-training hyper-parameters (configs/ae_i1k.py), on CIFAR-10 at small/2,
 #                 the paper's 16x16 grid of tokens
-#   cpu           beats the raw-pixel probe in about 25 minutes on 2 cores (README "Quick start")
+#   cpu           beats the raw-pixel linear and ridge probes in about 33 minutes on 2 cores (README "Quick start")
 #   finetune-gpu  the official class-conditional fine-tune (README of small-vision)
-#   finetune-cpu  about 8 minutes of it on 2 cores, enough to see guidance at work; its EMA is
+#   finetune-cpu  about 10 minutes of it on 2 cores, enough to see guidance at work; its EMA is
 #                 shorter, since a 1e-4 step would leave it at the pre-trained weights
 # -: model and patch size come from the pre-trained checkpoint; the official fine-tune EMA decay
 # is 1 - 1e-4 * batch_size / 256, with no warm-up.

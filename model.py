@@ -125,8 +125,6 @@ class UMDModel(nn.Module):
         # condition: sinusoidal time features (time input 0..T; frequencies exp(-ln(10^4) k / (half - 1)),
         # [sin, cos], as the official TimeEmb, where DiT divides by half and puts cos first) and an
         # optional label, each through an MLP; c = SiLU(t_emb + y_emb) feeds every adaLN linear
-        half = dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(half) / (half - 1)), persistent=False)
         self.t_mlp = mlp2(dim)
         if num_classes is not None:  # one extra row: the null label of classifier-free guidance
             self.y_embed = nn.Embedding(num_classes + 1, dim)
@@ -148,7 +146,11 @@ class UMDModel(nn.Module):
 
     def condition(self, time_in, y=None):
         """c [B, d] = SiLU(t_mlp(sinusoidal(time_in)) + y_mlp(y_embed(y))), the input of every adaLN."""
-        args = time_in.float()[:, None] * self.freqs[None]
+        # the frequencies are made here, as DiT's timestep_embedding does, not kept in a buffer:
+        # a model without buffers gives DDP nothing to sync in forward (train.py, wrap)
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=time_in.device) / (half - 1))
+        args = time_in.float()[:, None] * freqs[None]  # [B, half]
         c = self.t_mlp(torch.cat([args.sin(), args.cos()], dim=-1))
         if self.num_classes is not None:  # no label given: the null label (unconditional)
             y = torch.full_like(time_in, self.num_classes) if y is None else y
@@ -272,10 +274,16 @@ def load_checkpoint(path, device="cpu", ema=True):
 
 
 def save_atomic(obj, path):
-    """Write to a temp file, fsync, rename: a crash never leaves a half-written file."""
+    """Write to a temp file, fsync, rename: a crash never leaves a half-written file. obj is text,
+    a function that writes into the open file, or anything torch.save takes."""
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f) if not isinstance(obj, str) else f.write(obj.encode())
+        if isinstance(obj, str):
+            f.write(obj.encode())
+        elif callable(obj):
+            obj(f)
+        else:
+            torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -164,7 +164,7 @@ def write_fid(samples, net, reference, args, ckpt_path, ckpt, seconds):
     from tools.fid import frechet_distance, statistics
     mu, sigma = statistics(torch.from_numpy(samples).permute(0, 3, 1, 2), net, desc="Inception features (samples)")
     value = frechet_distance(mu, sigma, reference[0], reference[1])
-    # the file name holds every setting that changes the samples, so that runs do not overwrite each other
+    # the file name holds the settings one varies between runs, so that they do not overwrite each other
     tags = [args.cfg_scale is not None and f"cfg{args.cfg_scale:g}", args.class_label is not None and f"class{args.class_label}",
             args.eta != 1 and f"eta{args.eta:g}", args.seed != 0 and f"seed{args.seed}", args.raw and "raw"]
     name = "-".join([f"fid-{len(samples)}-steps{args.steps}", *filter(None, tags)])

@@ -95,15 +95,14 @@ def wrap(model, args, device, world, use_compile, n0_last_rank):
     """DDP (several processes) and torch.compile around the same weights."""
     if world > 1:
         # A rank runs one forward per group it holds: two, or one where it has no noise-free
-        # images. Ranks may differ, so DDP must not talk in forward: broadcast_buffers=False (the
-        # only buffers are constants). DDP also waits in backward for a gradient of every
+        # images. Ranks may differ, so DDP must not talk in forward: the model has no buffers to
+        # sync (model.py, condition). DDP also waits in backward for a gradient of every
         # parameter; the mask token gets none on a rank with nothing masked (no noise-free images
         # and mask_ratio 0: dit, the fine-tunes). static_graph learns in the first step which
         # parameters a rank leaves unused (find_unused_parameters walks only the last forward's
         # graph, and fails with two forwards).
         unused = n0_last_rank == 0 and args.mask_ratio == 0
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False, static_graph=unused)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=unused)
     if use_compile:  # static shapes: each group of a UMD step has a fixed token count, so 2 graphs
         model = torch.compile(model, dynamic=False)
     return model
@@ -267,12 +266,14 @@ def train(args):
                     steps_per_epoch=steps_per_epoch, total_steps=total_steps, params=n_params, torch=torch.__version__)
         start_run_dir(out, info, step, args.resume)
     if auto_recipe and device.type == "cpu":  # say which recipe filled in the unset flags, and why
-        recipe = f"{'fine-tune ' if args.finetune else ''}recipe (batch {args.batch_size}, {args.epochs:g} epochs"
+        kind = "fine-tune recipe" if args.finetune else "recipe"
+        what = f"batch {args.batch_size}, {args.epochs:g} epochs, {args.model}/p{args.patch_size}"
         if args.recipe == "cpu":
-            say(f"on the CPU: the CPU {recipe}, {args.model}/p{args.patch_size}; README \"Quick start\"); "
+            say(f"on the CPU: the CPU {kind} ({what}; README \"{'Train' if args.finetune else 'Quick start'}\"); "
                 "--recipe gpu for the official hyper-parameters")
         else:
-            say(f"on the CPU with a size or schedule flag: the GPU {recipe}) sets the rest; --recipe cpu for the CPU one")
+            say(f"on the CPU with a size or schedule flag: the GPU {kind} fills in the flags not given ({what}); "
+                "--recipe cpu for the CPU one")
     say(f"{args.method}: {args.model}/p{args.patch_size}, {n_params / 1e6:.2f}M params, "
         f"{'conditional, ' if conditional else ''}batch {args.batch_size} on {world}x {device}, peak lr {peak_lr:.3g}, "
         f"amp {amp}, compile {use_compile}; steps {step} -> {stop_step} of {total_steps} ({steps_per_epoch}/epoch); "

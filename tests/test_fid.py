@@ -136,6 +136,8 @@ def test_every_kind_of_input(standin, cifar_dir, tmp_path):
     assert n_tr == 200 and cache.exists() and str(np.load(cache)["network_sha256"]) == net.sha256
     np.savez(cache, mu=np.zeros(12), sigma=np.eye(12), n=200, network_sha256="another network")
     np.testing.assert_allclose(fid.stats_of("cifar10-train", cifar_dir, net)[0], mu_tr)  # stale: recomputed
+    assert fid.stats_of("cifar10-train", cifar_dir, net, limit=30)[2] == 30
+    assert int(np.load(cache)["n"]) == 200  # a --limit run neither uses nor replaces the whole split's cache
     assert fid.stats_of("cifar10-test", cifar_dir, net, limit=30)[2] == 30
 
 
@@ -166,12 +168,23 @@ def test_reference_statistics_resume_where_they_stopped(standin, cifar_dir, tmp_
     assert len(calls) == 20 - 6  # the finished chunks were not computed again
     np.testing.assert_array_equal(feats.mean(0), mu)
     np.testing.assert_array_equal(np.cov(feats, rowvar=False), sigma)
+    # a damaged chunk is computed again, alone; a damaged meta.json starts over
+    (parts / "000040.npy").write_bytes(b"half a file")
+    calls.clear()
+    np.testing.assert_array_equal(fid.resumable_features(images, parts, net, 10, None, chunk_batches=2), feats)
+    assert len(calls) == 2
+    (parts / "meta.json").write_text("{")
+    calls.clear()
+    fid.resumable_features(images, parts, net, 10, None, chunk_batches=2)
+    assert len(calls) == 20
     # a different batching is another computation: its chunks start over
     calls.clear()
     fid.resumable_features(images, parts, net, 20, None, chunk_batches=2)
     assert len(calls) == 10
     # the cached route cleans up after itself
-    fid.cached_statistics(images, cache, net, 10, None)
+    mu_c, sigma_c = fid.cached_statistics(images, cache, net, 10, None)
+    np.testing.assert_array_equal(mu_c, mu)
+    np.testing.assert_array_equal(sigma_c, sigma)
     assert cache.exists() and not (tmp_path / "stats.npz.parts").exists()
 
 

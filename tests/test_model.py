@@ -29,6 +29,8 @@ def test_output_shape_and_param_counts():
     assert SIZES["small"] == (384, 12, 4, 6) and SIZES["base"] == (768, 12, 4, 12)
     n = sum(p.numel() for p in build_model("small", 2).parameters())
     assert 42e6 < n < 45e6  # S/2: 16 blocks of 12 d^2 (attention, MLP) + 6 d^2 (adaLN), d = 384
+    # no buffers: DDP would sync them in every forward, and ranks run one or two forwards a step
+    assert not list(build_model("tiny", 4, num_classes=10).buffers())
 
 
 def test_encoder_sees_only_class_and_visible_tokens():

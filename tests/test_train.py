@@ -200,7 +200,8 @@ def test_first_line_says_which_recipe_runs_on_the_cpu(cifar_dir, tmp_path):
     assert r.stdout.splitlines()[0].startswith("on the CPU: the CPU recipe (batch 128, 2.5 epochs, tiny/p4;")
     r = run_script("train.py", *common, "--model", "tiny", "--patch-size", 8, "--batch-size", 32, "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr  # a size flag: the GPU recipe's other defaults, and the line says so
-    assert r.stdout.splitlines()[0].startswith("on the CPU with a size or schedule flag: the GPU recipe (batch 32, 800 epochs)")
+    assert r.stdout.splitlines()[0].startswith(
+        "on the CPU with a size or schedule flag: the GPU recipe fills in the flags not given (batch 32, 800 epochs,")
 
 
 def test_help_shows_every_recipe_value(capsys):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import IMAGE_EXTS, DataError, file_digest, load_cifar10  # noqa: E402
+from model import save_atomic  # noqa: E402
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_ENV = "UMD_INCEPTION"
@@ -208,12 +209,9 @@ def read_input(spec, data_dir, limit=None):
 
 
 def save_stats(path, mu, sigma, n, net):
-    """Statistics with what they came from, written whole or not at all (and to exactly `path`:
-    np.savez would add .npz to a name without it)."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, n=n, network_sha256=net.sha256)
-    os.replace(tmp, path)
+    """Statistics with what they came from, whole or not at all (to exactly `path`: np.savez
+    would add .npz to a name without it)."""
+    save_atomic(lambda f: np.savez(f, mu=mu, sigma=sigma, n=n, network_sha256=net.sha256), path)
 
 
 def resumable_features(images, parts, net, batch_size, desc, chunk_batches=20):
@@ -222,22 +220,28 @@ def resumable_features(images, parts, net, batch_size, desc, chunk_batches=20):
     as statistics() would run, and float32 is what the network gives, so the result is the same."""
     key = dict(network_sha256=net.sha256, n=len(images), batch_size=batch_size, chunk_batches=chunk_batches)
     meta = parts / "meta.json"
-    if not meta.is_file() or json.loads(meta.read_text()) != key:  # another network, size or batching
+    try:
+        same = json.loads(meta.read_text()) == key
+    except (OSError, ValueError):  # none yet, or unreadable
+        same = False
+    if not same:  # another network, size or batching: start over
         shutil.rmtree(parts, ignore_errors=True)
         parts.mkdir(parents=True)
-        meta.write_text(json.dumps(key))
+        save_atomic(json.dumps(key), meta)
     chunk, feats = batch_size * chunk_batches, []
     with tqdm(total=-(-len(images) // batch_size), desc=desc, unit="batch", leave=False) as bar:
         for start in range(0, len(images), chunk):
-            f = parts / f"{start:06d}.npy"
-            if f.is_file():
-                feats.append(np.load(f).astype(np.float64))
-                bar.update(-(-len(feats[-1]) // batch_size))
-                continue
-            feats.append(features(images[start:start + chunk], net, batch_size, bar))
-            with open(f.with_suffix(".tmp"), "wb") as tmp:
-                np.save(tmp, feats[-1].astype(np.float32))
-            os.replace(f.with_suffix(".tmp"), f)
+            f, n = parts / f"{start:06d}.npy", min(chunk, len(images) - start)
+            try:
+                kept = np.load(f)
+                if kept.ndim == 2 and len(kept) == n:
+                    feats.append(kept.astype(np.float64))
+                    bar.update(-(-n // batch_size))
+                    continue
+            except (OSError, ValueError, EOFError):  # not computed yet, or damaged: compute it
+                pass
+            feats.append(features(images[start:start + n], net, batch_size, bar))
+            save_atomic(lambda out: np.save(out, feats[-1].astype(np.float32)), f)
     return np.concatenate(feats)
 
 
@@ -276,7 +280,7 @@ def stats_of(spec, data_dir, net, batch_size=50, limit=None):
                            "compute them again with this one")
         return value[0], value[1], None
     desc = f"Inception features ({Path(spec).name})"
-    if spec in CIFAR_SPLITS:
+    if spec in CIFAR_SPLITS and limit is None:  # the cache holds whole splits only
         return (*cached_statistics(value, Path(data_dir) / f"fid-stats-{spec}.npz", net, batch_size, desc), len(value))
     return (*statistics(value, net, batch_size, desc), len(value))
 
