@@ -206,9 +206,10 @@ class UMDModel(nn.Module):
 
 def initialize_weights(model):
     """Initialisation. Where it follows the official code (small-vision big_vision/models/ae.py,
-    big_vision/models/vit.py, big_vision/models/embeddings.py) and where it follows DiT (facebookresearch/DiT models.py) instead:
-    - official: position embeddings normal with std 1/sqrt(L); class tokens 0; mask token std 0.02; block MLPs
-      xavier-uniform; every adaLN linear and the final modulation at zero (adaLN-Zero: blocks start
+    big_vision/models/vit.py, big_vision/models/embeddings.py) and where it follows DiT
+    (facebookresearch/DiT models.py) instead:
+    - official: position embeddings normal with std 1/sqrt(L); class tokens 0; mask token std 0.02;
+      block MLPs xavier-uniform; every adaLN linear and the final modulation at zero (adaLN-Zero: blocks start
       as the identity, the output unmodulated); output head std 0.02 (officially a
       ConvTranspose with k = stride = p, the same map); label embedding std 1/sqrt(d), flax's nn.Embed
       default, so that a fresh label branch barely moves a pre-trained condition;
@@ -243,7 +244,8 @@ def build_model(size="small", patch_size=2, img_size=32, num_classes=None, chann
 
 
 def no_decay(name):
-    """Parameters kept out of weight decay (small-vision big_vision/models/ae.py no_decay_list: cls, mask embedding, biases)."""
+    """Parameters kept out of weight decay (small-vision big_vision/models/ae.py, no_decay_list:
+    cls, mask embedding, biases)."""
     return name.endswith("bias") or name in ("cls_tokens", "mask_token")
 
 
