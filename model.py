@@ -209,10 +209,10 @@ def initialize_weights(model):
     big_vision/models/vit.py, big_vision/models/embeddings.py) and where it follows DiT
     (facebookresearch/DiT models.py) instead:
     - official: position embeddings normal with std 1/sqrt(L); class tokens 0; mask token std 0.02;
-      block MLPs xavier-uniform; every adaLN linear and the final modulation at zero (adaLN-Zero: blocks start
-      as the identity, the output unmodulated); output head std 0.02 (officially a
-      ConvTranspose with k = stride = p, the same map); label embedding std 1/sqrt(d), flax's nn.Embed
-      default, so that a fresh label branch barely moves a pre-trained condition;
+      block MLPs xavier-uniform; every adaLN linear and the final modulation at zero (adaLN-Zero:
+      blocks start as the identity, the output unmodulated); output head std 0.02 (officially a
+      ConvTranspose with k = stride = p, the same map); label embedding std 1/sqrt(d), flax's
+      nn.Embed default, so that a fresh label branch barely moves a pre-trained condition;
     - DiT, not official: the patch embedding is xavier-uniform on the flattened kernel (official:
       lecun-normal, about 4x larger at p = 2); q, k, v are one fused xavier-uniform Linear, so each
       is 1/sqrt(2) smaller than the official three separate ones; the time and label MLPs are

@@ -158,28 +158,29 @@ def test_reference_statistics_resume_where_they_stopped(standin, cifar_dir, tmp_
         return layers
 
     cache, parts = tmp_path / "stats.npz", tmp_path / "stats.npz.parts"
+    quiet = fid.tqdm(disable=True)  # the progress bar statistics() would pass
     net.layers = stop_after(7)  # 200 images, batches of 10, chunks of 2 batches: stop in the 4th chunk
     with pytest.raises(KeyboardInterrupt):
-        fid.resumable_features(images, parts, net, 10, None, chunk_batches=2)
+        fid.resumable_features(images, parts, net, 10, quiet, chunk_batches=2)
     assert sorted(f.name for f in parts.glob("*.npy")) == ["000000.npy", "000020.npy", "000040.npy"]
     calls.clear()
     net.layers = stop_after(10**6)
-    feats = fid.resumable_features(images, parts, net, 10, None, chunk_batches=2)
+    feats = fid.resumable_features(images, parts, net, 10, quiet, chunk_batches=2)
     assert len(calls) == 20 - 6  # the finished chunks were not computed again
     np.testing.assert_array_equal(feats.mean(0), mu)
     np.testing.assert_array_equal(np.cov(feats, rowvar=False), sigma)
     # a damaged chunk is computed again, alone; a damaged meta.json starts over
     (parts / "000040.npy").write_bytes(b"half a file")
     calls.clear()
-    np.testing.assert_array_equal(fid.resumable_features(images, parts, net, 10, None, chunk_batches=2), feats)
+    np.testing.assert_array_equal(fid.resumable_features(images, parts, net, 10, quiet, chunk_batches=2), feats)
     assert len(calls) == 2
     (parts / "meta.json").write_text("{")
     calls.clear()
-    fid.resumable_features(images, parts, net, 10, None, chunk_batches=2)
+    fid.resumable_features(images, parts, net, 10, quiet, chunk_batches=2)
     assert len(calls) == 20
     # a different batching is another computation: its chunks start over
     calls.clear()
-    fid.resumable_features(images, parts, net, 20, None, chunk_batches=2)
+    fid.resumable_features(images, parts, net, 20, quiet, chunk_batches=2)
     assert len(calls) == 10
     # the cached route cleans up after itself
     mu_c, sigma_c = fid.cached_statistics(images, cache, net, 10, None)

@@ -127,12 +127,14 @@ def resize_tf1_bilinear(x, size):
 
 
 # ---------------------------------------------------------------------------- statistics
-def statistics(images, net, batch_size=50, desc=None):
-    """(mu [2048], sigma [2048, 2048]) in float64 of uint8 images [N, 3, H, W]."""
+def statistics(images, net, batch_size=50, desc=None, parts=None):
+    """(mu [2048], sigma [2048, 2048]) in float64 of uint8 images [N, 3, H, W]; with a folder
+    `parts`, the features are kept there chunk by chunk and a stopped run resumes."""
     if len(images) < 2:
         raise FIDError(f"FID needs at least 2 images, got {len(images)}")
     with tqdm(total=-(-len(images) // batch_size), desc=desc, unit="batch", leave=False) as bar:
-        feats = features(images, net, batch_size, bar)
+        feats = (features(images, net, batch_size, bar) if parts is None
+                 else resumable_features(images, parts, net, batch_size, bar))
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
@@ -214,7 +216,7 @@ def save_stats(path, mu, sigma, n, net):
     save_atomic(lambda f: np.savez(f, mu=mu, sigma=sigma, n=n, network_sha256=net.sha256), path)
 
 
-def resumable_features(images, parts, net, batch_size, desc, chunk_batches=20):
+def resumable_features(images, parts, net, batch_size, bar, chunk_batches=20):
     """net's features of all images, kept chunk by chunk in the folder `parts`, so that a stopped
     run (50k images take hours on a CPU) continues where it was. The chunks hold the same batches
     as statistics() would run, and float32 is what the network gives, so the result is the same."""
@@ -229,19 +231,18 @@ def resumable_features(images, parts, net, batch_size, desc, chunk_batches=20):
         parts.mkdir(parents=True)
         save_atomic(json.dumps(key), meta)
     chunk, feats = batch_size * chunk_batches, []
-    with tqdm(total=-(-len(images) // batch_size), desc=desc, unit="batch", leave=False) as bar:
-        for start in range(0, len(images), chunk):
-            f, n = parts / f"{start:06d}.npy", min(chunk, len(images) - start)
-            try:
-                kept = np.load(f)
-                if kept.ndim == 2 and len(kept) == n:
-                    feats.append(kept.astype(np.float64))
-                    bar.update(-(-n // batch_size))
-                    continue
-            except (OSError, ValueError, EOFError):  # not computed yet, or damaged: compute it
-                pass
-            feats.append(features(images[start:start + n], net, batch_size, bar))
-            save_atomic(lambda out: np.save(out, feats[-1].astype(np.float32)), f)
+    for start in range(0, len(images), chunk):
+        f, n = parts / f"{start:06d}.npy", min(chunk, len(images) - start)
+        try:
+            kept = np.load(f)
+            if kept.ndim == 2 and len(kept) == n:
+                feats.append(kept.astype(np.float64))
+                bar.update(-(-n // batch_size))
+                continue
+        except (OSError, ValueError, EOFError):  # not computed yet, or damaged: compute it
+            pass
+        feats.append(features(images[start:start + n], net, batch_size, bar))
+        save_atomic(lambda out: np.save(out, feats[-1].astype(np.float32)), f)
     return np.concatenate(feats)
 
 
@@ -256,11 +257,10 @@ def cached_statistics(images, cache, net, batch_size, desc):
         pass
     parts = Path(str(cache) + ".parts")
     try:
-        feats = resumable_features(images, parts, net, batch_size, desc)
+        mu, sigma = statistics(images, net, batch_size, desc, parts)
     except OSError as e:
         print(f"fid.py: cannot keep features in {parts} ({e.strerror}); computing without resume", file=sys.stderr)
         return statistics(images, net, batch_size, desc)
-    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
     try:
         save_stats(cache, mu, sigma, len(images), net)
         shutil.rmtree(parts, ignore_errors=True)
