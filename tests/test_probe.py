@@ -1,5 +1,6 @@
 """Probes on features where the answer is known, feature extraction, and the CLI."""
 import json
+import math
 
 import pytest
 import torch
@@ -58,10 +59,40 @@ def test_linear_probe_never_touches_test_images_while_choosing(monkeypatch):
     _, chosen = linear_probe(x, y, test_x, test_y, 4, grid=[(0.1, 0.0), (0.01, 0.0)], epochs=2, log=lambda s: None)
     assert chosen["val_images"] == 50
     assert all(f.data_ptr() != test_x.data_ptr() for f in trained_on)
-    assert [f is test_x for f in scored_on] == [False, False, True]  # two validation scores, then one test score
+    assert [f is test_x for f in scored_on] == [False, True]  # the grid's validation scores, then one test score
     for f in trained_on[:-1]:  # the grid trains on the first 90% only; validation is the last 10%
         assert torch.equal(f, x[:450])
     assert torch.equal(trained_on[-1], x) and all(torch.equal(f, x[450:]) for f in scored_on[:-1])
+
+
+def test_linear_heads_are_the_separate_runs_of_torch_sgd():
+    """Training the grid together gives each head what torch.optim.SGD (momentum 0.9, weight decay,
+    cosine schedule) gives it alone, from the same start and the same batches."""
+    x, y = clusters(600, seed=5)
+    grid = [(0.1, 0.0), (0.01, 1e-3), (0.5, 1e-4)]
+    heads = probe.train_linear(x, y, 4, grid, epochs=3, batch_size=64, seed=7)
+    g = torch.Generator().manual_seed(probe.derive_seed(7, probe.Stream.LINEAR_PROBE))
+    w0 = torch.empty(4, x.shape[1]).normal_(std=0.01, generator=g).T
+    perms = [torch.randperm(len(x), generator=g) for _ in range(3)]
+    for h, (lr, wd) in enumerate(grid):
+        ref = torch.nn.Sequential(torch.nn.BatchNorm1d(x.shape[1], affine=False), torch.nn.Linear(x.shape[1], 4))
+        with torch.no_grad():
+            ref[1].weight.copy_(w0.T)
+            ref[1].bias.zero_()
+        opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / (3 * 9))))
+        for perm in perms:
+            for i in range(len(x) // 64):
+                b = perm[i * 64:(i + 1) * 64]
+                loss = torch.nn.functional.cross_entropy(ref(x[b]), y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        assert torch.allclose(heads.weight[h], ref[1].weight.T, atol=1e-5), (lr, wd)
+        assert torch.allclose(heads.bias[h, 0], ref[1].bias, atol=1e-5), (lr, wd)
+    assert not torch.allclose(heads.weight[0], heads.weight[1], atol=1e-3)  # the settings did differ
+    assert torch.allclose(heads.norm.running_mean, ref[0].running_mean) and torch.allclose(heads.norm.running_var, ref[0].running_var)
 
 
 def test_fewshot_indices():
