@@ -90,6 +90,9 @@ def test_an_interrupted_training_resumes(cifar_dir, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--methods", "umd,vae"], "unknown method vae"),
     (["--data-dir", "{tmp}/nodata"], "CIFAR-10 not found"),
+    (["--patch-size", "5"], "must divide"),
+    (["--shots", "0"], "--shots must be in 1..5000"),
+    (["--finetune-ema-decay", "1"], "--finetune-ema-decay"),
 ])
 def test_bad_input_is_one_line_and_exit_2(extra, message, cifar_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
@@ -97,6 +100,7 @@ def test_bad_input_is_one_line_and_exit_2(extra, message, cifar_dir, tmp_path, c
     assert compare.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x" / "settings.json").exists()  # a typo does not claim the folder
 
 
 def test_a_folder_of_another_comparison_is_refused_and_kept(finished, cifar_dir, capsys):
@@ -106,3 +110,19 @@ def test_a_folder_of_another_comparison_is_refused_and_kept(finished, cifar_dir,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0] and "--epochs 2.0 -> 3.0" in err[0]
     assert (out / "results.json").read_bytes() == before and (out / "umd" / "pretrain" / "ckpt.pt").exists()
+
+
+def test_a_run_with_fewer_methods_keeps_the_others_in_the_summary(finished, cifar_dir):
+    out, _ = finished
+    assert run(out, cifar_dir, "--methods", "umd") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["umd", "mae", "dit", "maskdit"]
+    assert all(r["pretrain"]["machine"]["cores"] >= 1 for r in results["methods"].values())  # where each ran
+    assert len([l for l in (out / "table.md").read_text().splitlines() if l.startswith("| ")]) == 1 + 4  # the head and 4 rows
+
+
+def test_a_comparison_goes_on_with_its_own_preset(tmp_path):
+    (tmp_path / "settings.json").write_text(json.dumps({"preset": "gpu"}))
+    args = compare.get_args(["--out", str(tmp_path), "--device", "cpu"])  # e.g. FID of a GPU run on a CPU
+    assert args.preset == "gpu" and args.model == "small" and args.fid == 10000 and args.device == "cpu"
+    assert compare.get_args(["--out", str(tmp_path / "new")]).preset == ("gpu" if torch.cuda.is_available() else "cpu")

@@ -16,7 +16,8 @@ For each method, one stage after another, each writing its result into OUT/<meth
              samples wait, and the next run of the same command (here or on another machine)
              scores them
 Running the same command again skips finished stages and resumes an interrupted training, so a
-comparison can be stopped (Ctrl-C) and continued, or spread over machines. The summary:
+comparison can be stopped (Ctrl-C) and continued, or spread over machines (e.g. trained on a GPU,
+then `--out FOLDER --device cpu` scores the FID of its samples where the Inception network is). The summary:
 OUT/results.json (every number, the settings, the machine), OUT/table.md and OUT/compare.png.
 
 References: the official comparison (ImageNet 64x64, B/4): github.com/philippe-eecs/small-vision,
@@ -45,16 +46,17 @@ from sample import class_labels, generate, to_uint8  # noqa: E402
 from tools.bench import step_flops  # noqa: E402
 from tools.fid import FIDError, Inception, fid_of_images  # noqa: E402
 
-# The presets (README "The comparison"): cpu fits 2 cores in about 2.5 hours, measured; gpu is
-# sized for about 9 minutes of one H100/H200 from the analytic FLOPs, not yet run on one.
+# The presets (README "The comparison"): cpu is sized for about 2.5 hours of 2 cores, gpu for
+# about 9 minutes of one H100/H200 (from the analytic FLOPs; not yet run on one).
 # The fine-tunes are short, so their EMA is too: the official 1 - 1e-4 * batch / 256 would leave
-# it at the pre-trained weights.
+# it at the starting weights, fresh label embedding included. With these decays under 3% of the
+# start is left at the end (0.97 ** 117 steps on the cpu, 0.99 ** 390 on the gpu).
 PRESETS = dict(
     cpu=dict(model="tiny", patch_size=4, batch_size=128, lr=1e-3, epochs=1.0, finetune_epochs=0.3,
-             finetune_batch_size=128, finetune_lr=5e-4, finetune_ema_decay=0.99, fid=1000, fid_steps=25,
+             finetune_batch_size=128, finetune_lr=5e-4, finetune_ema_decay=0.97, fid=1000, fid_steps=25,
              cfg_scale=2.0, device="cpu"),
     gpu=dict(model="small", patch_size=2, batch_size=1024, lr=1.5e-4, epochs=8.0, finetune_epochs=2.0,
-             finetune_batch_size=256, finetune_lr=1.5e-4, finetune_ema_decay=0.999, fid=10000, fid_steps=50,
+             finetune_batch_size=256, finetune_lr=1.5e-4, finetune_ema_decay=0.99, fid=10000, fid_steps=50,
              cfg_scale=2.0, device="cuda"),
 )
 PICTURE_PER_CLASS = 8  # samples per class drawn in compare.png
@@ -73,13 +75,20 @@ def get_args(argv=None):
     p.add_argument("--methods", default="umd,mae,dit,maskdit", help="comma-separated (default umd,mae,dit,maskdit)")
     for key, value in PRESETS["cpu"].items():
         if key != "device":
-            p.add_argument(f"--{key.replace('_', '-')}", type=type(value), help="from --preset unless given")
+            p.add_argument(f"--{key.replace('_', '-')}", type=type(value), choices=list(config.SIZES) if key == "model"
+                           else None, help="from --preset unless given")
     p.add_argument("--seed", type=int, default=0, help="one seed for every method: same init and data order")
     p.add_argument("--shots", type=int, default=100, help="few-shot ridge probe: training images per class (default 100)")
     p.add_argument("--data-dir", default="./data", help="where cifar-10-batches-py lives (default ./data)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: the preset's")
     p.add_argument("--out", help="run folder (default runs/compare-<model>-p<patch>)")
     args = p.parse_args(argv)
+    saved = Path(args.out or "") / "settings.json"
+    if args.preset == "auto" and args.out and saved.exists():  # go on with that comparison, on any machine
+        try:
+            args.preset = json.loads(saved.read_text()).get("preset", "auto")
+        except json.JSONDecodeError:
+            pass  # check() says so
     preset = "gpu" if args.preset == "gpu" or (args.preset == "auto" and torch.cuda.is_available()) else "cpu"
     for key, value in PRESETS[preset].items():
         if key != "device" and getattr(args, key) is None:
@@ -95,13 +104,24 @@ def check(args):
     unknown = [m for m in args.methods if m not in config.METHODS]
     if unknown or not args.methods:
         raise CompareError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(config.METHODS)}")
+    # Checked before the folder is claimed: a typo must not lock a folder to its settings.
     if args.fid < 0 or args.fid % len(CIFAR_CLASSES) or args.fid_steps < 1 or args.epochs <= 0 or args.finetune_epochs <= 0:
         raise CompareError("--fid must be 0 or a multiple of the 10 classes, --fid-steps >= 1, the epochs positive")
+    if min(args.batch_size, args.finetune_batch_size, args.lr, args.finetune_lr) <= 0 or not 0 <= args.finetune_ema_decay < 1:
+        raise CompareError("the batch sizes and learning rates must be positive, --finetune-ema-decay in [0, 1)")
+    if args.patch_size < 1 or 32 % args.patch_size:
+        raise CompareError(f"--patch-size {args.patch_size} must divide CIFAR-10's 32 pixels (e.g. 2, 4, 8)")
+    if not 1 <= args.shots <= 5000:
+        raise CompareError("--shots must be in 1..5000 (CIFAR-10 has 5000 training images per class)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise CompareError("this preset (or --device cuda) needs CUDA; use --preset cpu or --device cpu")
+        raise CompareError("this preset (or --device cuda) needs CUDA to train; --device cpu finishes a comparison "
+                           "trained elsewhere (FID of its samples), --preset cpu starts one for the CPU")
     saved = Path(args.out) / "settings.json"
     if saved.exists():
-        old = json.loads(saved.read_text())
+        try:
+            old = json.loads(saved.read_text())
+        except json.JSONDecodeError:
+            raise CompareError(f"{saved} is damaged; restore it, or pass another --out") from None
         changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {v}" for k, v in settings(args).items() if old.get(k) != v]
         if changed:
             raise CompareError(f"{args.out} holds a comparison with other settings ({'; '.join(changed)}); "
@@ -127,7 +147,7 @@ def run_training(run_dir, argv, args):
                                         "--data-dir", args.data_dir]))
     if code != 0:
         raise KeyboardInterrupt  # stopped by Ctrl-C after saving: the next run resumes it
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = [r for r in map(train.parse_log_line, (run_dir / "log.jsonl").read_text().splitlines()) if r]
     batch = json.loads((run_dir / "config.json").read_text())["batch_size"]
     records, seconds, prev = [r for r in log if "img_per_s" in r], 0.0, 0
     for r in records:
@@ -177,7 +197,7 @@ def stage_fid(m, d, args, ds):
     try:
         net = Inception(device=args.device)
     except FIDError as e:
-        print(f"  FID waits: {e}. Then rerun this command, or: python tools/fid.py {d / 'samples.npz'} cifar10-train")
+        print(f"  FID waits: {e}. Then rerun this command (here, or where the network is, with --device cpu)")
         return None
     start = time.time()
     with np.load(d / "samples.npz") as data:
@@ -212,11 +232,18 @@ def machine():
     return dict(cpu=cpu, cores=os.cpu_count(), gpu=gpu, torch=torch.__version__, python=platform.python_version())
 
 
+def where(m):
+    """A machine() record in words."""
+    return f"{m['gpu'] or m['cpu']} ({m['cores']} cores), torch {m['torch']}"
+
+
 def summarize(args):
-    """results.json, table.md and compare.png from whatever stages have finished."""
+    """results.json, table.md and compare.png from whatever stages have finished, of every method
+    in the folder (a run with fewer --methods does not drop the others from the summary)."""
     out = Path(args.out)
+    methods = [m for m in config.METHODS if m in args.methods or (out / m).is_dir()]
     results = dict(settings=json.loads((out / "settings.json").read_text()), machine=machine(), methods={})
-    for m in args.methods:
+    for m in methods:
         d = out / m
         r = {name: json.loads((d / f"{name}.json").read_text()) for name in
              ("pretrain", "probe", "probe-t50", "finetune", "samples", "fid") if (d / f"{name}.json").exists()}
@@ -225,7 +252,7 @@ def summarize(args):
         results["methods"][m] = r
     write_json(out / "results.json", results)
     (out / "table.md").write_text(table(results, args))
-    picture(args, out / "compare.png", tradeoff(results))
+    picture(out, methods, out / "compare.png", tradeoff(results))
     return results
 
 
@@ -254,10 +281,10 @@ def table(results, args):
                     f"{probe_cell(r, 'knn', 'top1')} | {fid_cell} | {'-' if speed is None else f'{speed:.0f}'} | "
                     f"{r['gflop_per_image']:.2f} | {vs_flops} | {vs_time} |")
     s = results["settings"]
+    trained_on = sorted({where(r["pretrain"].get("machine", results["machine"])) for r in ms.values() if "pretrain" in r})
     rows += ["", f"{s['model']}/p{s['patch_size']}, batch {s['batch_size']}, lr {s['lr']:g} per 256, {s['epochs']:g} "
              f"epochs of pre-training, {s['finetune_epochs']:g} of fine-tuning (batch {s['finetune_batch_size']}), seed "
-             f"{s['seed']}; probes on the EMA weights, CIFAR-10 test; machine: {results['machine']['gpu'] or results['machine']['cpu']}"
-             f" ({results['machine']['cores']} cores), torch {results['machine']['torch']}."]
+             f"{s['seed']}; probes on the EMA weights, CIFAR-10 test; pre-trained on {'; '.join(trained_on) or '-'}."]
     return "\n".join(rows) + "\n"
 
 
@@ -283,12 +310,12 @@ def tradeoff(results, size=240, pad=44):
     return img
 
 
-def picture(args, path, extra=None, label_w=70, gap=12):
+def picture(out, methods, path, extra=None, label_w=70, gap=12):
     """Per method, side by side: its fine-tuned samples (one row per class) above the
     reconstructions of its pre-trained network (train.py's reconstruction.png); then `extra`."""
     panels = []
-    for m in args.methods:
-        d = Path(args.out) / m
+    for m in methods:
+        d = out / m
         if not (d / "samples.npz").exists():
             continue
         with np.load(d / "samples.npz") as data:
@@ -346,8 +373,8 @@ def main(argv=None):
             print(f"\n[{done}] stage {i + 1}/{len(todo)}: {m} {name} ({(time.time() - start) / 60:.1f} min so far)",
                   flush=True)
             value = run(m, d, args, ds)
-            if value is not None:
-                write_json(d / result, value)
+            if value is not None:  # each stage says where it ran: a comparison may span machines
+                write_json(d / result, dict(value, machine=machine()))
         results = summarize(args)
     except (CompareError, DataError, CheckpointError, config.ConfigError, train.TrainError, FIDError) as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
