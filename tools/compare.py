@@ -70,7 +70,9 @@ class CompareError(Exception):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="default auto: gpu with CUDA, else cpu; " + "; ".join(
+                   help="default auto: the --out folder's own, else gpu with CUDA, else cpu. cpu is sized for "
+                   "about 2.5 hours of 2 cores, gpu for about 9 minutes of one H100/H200 (from FLOPs, not yet "
+                   "measured). " + "; ".join(
                        f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items()) for k, d in PRESETS.items()))
     p.add_argument("--methods", default="umd,mae,dit,maskdit", help="comma-separated (default umd,mae,dit,maskdit)")
     for key, value in PRESETS["cpu"].items():
