@@ -17,8 +17,9 @@ For each method, one stage after another, each writing its result into OUT/<meth
              scores them
 Running the same command again skips finished stages and resumes an interrupted training, so a
 comparison can be stopped (Ctrl-C) and continued, or spread over machines (e.g. trained on a GPU,
-then `--out FOLDER --device cpu` scores the FID of its samples where the Inception network is). The summary:
-OUT/results.json (every number, the settings, the machine), OUT/table.md and OUT/compare.png.
+then `--out FOLDER --device cpu` scores the FID of its samples where the Inception network is).
+The summary: OUT/results.json (every number, the settings, the machines), OUT/table.md and
+OUT/compare.png.
 
 References: the official comparison (ImageNet 64x64, B/4): github.com/philippe-eecs/small-vision,
 README; UMD: arXiv 2406.17688.
