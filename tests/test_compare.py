@@ -93,6 +93,7 @@ def test_an_interrupted_training_resumes(cifar_dir, tmp_path):
     (["--patch-size", "5"], "must divide"),
     (["--shots", "0"], "--shots must be in 1..5000"),
     (["--finetune-ema-decay", "1"], "--finetune-ema-decay"),
+    (["--probe-images", "45"], "--probe-images must be a multiple"),
 ])
 def test_bad_input_is_one_line_and_exit_2(extra, message, cifar_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
@@ -126,3 +127,24 @@ def test_a_comparison_goes_on_with_its_own_preset(tmp_path):
     args = compare.get_args(["--out", str(tmp_path), "--device", "cpu"])  # e.g. FID of a GPU run on a CPU
     assert args.preset == "gpu" and args.model == "small" and args.fid == 10000 and args.device == "cpu"
     assert compare.get_args(["--out", str(tmp_path / "new")]).preset == ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_damaged_settings_file_is_one_line_and_kept(tmp_path, cifar_dir, capsys):
+    (tmp_path / "settings.json").write_text('{"preset": "cp')
+    assert compare.main(["--out", str(tmp_path), "--data-dir", str(cifar_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "settings.json is damaged" in err[0]
+    assert (tmp_path / "settings.json").read_text() == '{"preset": "cp'
+
+
+def test_the_probes_learn_from_an_equal_number_of_images_per_class(finished, cifar_dir, monkeypatch):
+    out, _ = finished
+    args = compare.get_args([*TOY, "--probe-images", "100", "--data-dir", str(cifar_dir), "--out", str(out)])
+    ds = compare.load_dataset("cifar10", args.data_dir)
+    seen = []
+    monkeypatch.setattr(compare, "evaluate", lambda f, y, *a, **k: (seen.append((f, y)), ({}, []))[1])
+    r = compare.stage_probe("umd", out / "umd", args, ds)
+    (f, y), = seen
+    assert r["train_images"] == len(f) == 100 and y.bincount(minlength=10).tolist() == [10] * 10
+    assert compare.get_args(["--epochs", "0.5"]).probe_images == 5000  # a smoke run: a smaller probe
+    assert compare.get_args(["--epochs", "1"]).probe_images == 50000

@@ -42,7 +42,7 @@ import config  # noqa: E402
 import train  # noqa: E402
 from data import CIFAR_CLASSES, DataError, load_dataset  # noqa: E402
 from model import CheckpointError, load_checkpoint, save_atomic  # noqa: E402
-from probe import evaluate, extract_features  # noqa: E402
+from probe import evaluate, extract_features, fewshot_indices  # noqa: E402
 from sample import class_labels, generate, to_uint8  # noqa: E402
 from tools.bench import step_flops  # noqa: E402
 from tools.fid import FIDError, Inception, fid_of_images  # noqa: E402
@@ -82,25 +82,38 @@ def get_args(argv=None):
                            else None, help="from --preset unless given")
     p.add_argument("--seed", type=int, default=0, help="one seed for every method: same init and data order")
     p.add_argument("--shots", type=int, default=100, help="few-shot ridge probe: training images per class (default 100)")
+    p.add_argument("--probe-images", type=int, help="training images the probes learn from, equal per class (default: "
+                   "all 50000; 5000 when pre-training is under one epoch, a smoke run, where extracting features "
+                   "would take most of the time)")
     p.add_argument("--data-dir", default="./data", help="where cifar-10-batches-py lives (default ./data)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: the preset's")
     p.add_argument("--out", help="run folder (default runs/compare-<model>-p<patch>)")
     args = p.parse_args(argv)
-    saved = Path(args.out or "") / "settings.json"
-    if args.preset == "auto" and args.out and saved.exists():  # go on with that comparison, on any machine
-        try:
-            args.preset = json.loads(saved.read_text()).get("preset", "auto")
-        except json.JSONDecodeError:
-            pass  # check() says so
+    saved = saved_settings(args.out) if args.out else None
+    if args.preset == "auto" and saved:  # go on with that comparison, on any machine
+        args.preset = saved.get("preset", "auto")
     preset = "gpu" if args.preset == "gpu" or (args.preset == "auto" and torch.cuda.is_available()) else "cpu"
     for key, value in PRESETS[preset].items():
         if key != "device" and getattr(args, key) is None:
             setattr(args, key, value)
+    if args.probe_images is None:
+        args.probe_images = 50000 if args.epochs >= 1 else 5000
     args.preset = preset
     args.device = PRESETS[preset]["device"] if args.device == "auto" else args.device
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.out = args.out or f"runs/compare-{args.model}-p{args.patch_size}"
     return args
+
+
+def saved_settings(out):
+    """The settings.json of run folder `out`; None where there is none yet."""
+    path = Path(out) / "settings.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise CompareError(f"{path} is damaged; restore it, or pass another --out") from None
 
 
 def check(args):
@@ -116,15 +129,14 @@ def check(args):
         raise CompareError(f"--patch-size {args.patch_size} must divide CIFAR-10's 32 pixels (e.g. 2, 4, 8)")
     if not 1 <= args.shots <= 5000:
         raise CompareError("--shots must be in 1..5000 (CIFAR-10 has 5000 training images per class)")
+    if args.probe_images % len(CIFAR_CLASSES) or not args.shots <= args.probe_images // len(CIFAR_CLASSES) <= 5000:
+        raise CompareError(f"--probe-images must be a multiple of the 10 classes, from 10 x --shots ({10 * args.shots}) "
+                           "to 50000")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CompareError("this preset (or --device cuda) needs CUDA to train; --device cpu finishes a comparison "
                            "trained elsewhere (FID of its samples), --preset cpu starts one for the CPU")
-    saved = Path(args.out) / "settings.json"
-    if saved.exists():
-        try:
-            old = json.loads(saved.read_text())
-        except json.JSONDecodeError:
-            raise CompareError(f"{saved} is damaged; restore it, or pass another --out") from None
+    old = saved_settings(args.out)
+    if old is not None:
         changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {v}" for k, v in settings(args).items() if old.get(k) != v]
         if changed:
             raise CompareError(f"{args.out} holds a comparison with other settings ({'; '.join(changed)}); "
@@ -169,12 +181,16 @@ def stage_pretrain(m, d, args, ds):
 def stage_probe(m, d, args, ds, t=None):
     model, _ = load_checkpoint(d / "pretrain" / "ckpt.pt", args.device)  # EMA weights
     start = time.time()
-    train_f = extract_features(model, ds.train_x, t, desc="features (train)")
+    train_x, train_y = ds.train_x, ds.train_y
+    if args.probe_images < len(train_y):  # the same subset for every method
+        keep = fewshot_indices(train_y, args.probe_images // ds.num_classes, args.seed).sort().values
+        train_x, train_y = train_x[keep], train_y[keep]
+    train_f = extract_features(model, train_x, t, desc="features (train)")
     test_f = extract_features(model, ds.test_x, t, desc="features (test)")
-    results, lines = evaluate(train_f, ds.train_y, test_f, ds.test_y, ds.num_classes, split="CIFAR-10 test",
+    results, lines = evaluate(train_f, train_y, test_f, ds.test_y, ds.num_classes, split="CIFAR-10 test",
                               shots=args.shots)
     print("\n".join(f"  {line}" for line in lines))
-    return dict(results, t=t, seconds=time.time() - start)
+    return dict(results, t=t, train_images=len(train_y), seconds=time.time() - start)
 
 
 def stage_finetune(m, d, args, ds):
@@ -245,7 +261,7 @@ def summarize(args):
     in the folder (a run with fewer --methods does not drop the others from the summary)."""
     out = Path(args.out)
     methods = [m for m in config.METHODS if m in args.methods or (out / m).is_dir()]
-    results = dict(settings=json.loads((out / "settings.json").read_text()), machine=machine(), methods={})
+    results = dict(settings=saved_settings(out), machine=machine(), methods={})
     for m in methods:
         d = out / m
         r = {name: json.loads((d / f"{name}.json").read_text()) for name in
@@ -287,7 +303,8 @@ def table(results, args):
     trained_on = sorted({where(r["pretrain"].get("machine", results["machine"])) for r in ms.values() if "pretrain" in r})
     rows += ["", f"{s['model']}/p{s['patch_size']}, batch {s['batch_size']}, lr {s['lr']:g} per 256, {s['epochs']:g} "
              f"epochs of pre-training, {s['finetune_epochs']:g} of fine-tuning (batch {s['finetune_batch_size']}), seed "
-             f"{s['seed']}; probes on the EMA weights, CIFAR-10 test; pre-trained on {'; '.join(trained_on) or '-'}."]
+             f"{s['seed']}; probes of the EMA weights trained on {s['probe_images']} images, scored on CIFAR-10 test; "
+             f"pre-trained on {'; '.join(trained_on) or '-'}."]
     return "\n".join(rows) + "\n"
 
 
@@ -358,8 +375,8 @@ def picture(out, methods, path, extra=None, label_w=70, gap=12):
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
-    args = get_args(argv)
     try:
+        args = get_args(argv)
         check(args)
         ds = load_dataset("cifar10", args.data_dir)  # a missing dataset fails now, in one line
         out, start = Path(args.out), time.time()
