@@ -35,10 +35,11 @@ NOISE_BLOCK = 1000  # feature noise is drawn per fixed block of images: independ
 def extract_features(model, images, t=None, batch_size=None, seed=0, desc=None):
     """Features [N, d] (float32, CPU) of uint8 images: eval mode, no masking, mean of the class
     tokens. t=None reads the clean image (time input CLEAN); t=N reads x_t at diffusion step N.
-    Batches of 500 on a GPU; of 64 on a CPU, whose caches they fit (1.4x faster than 500 on 2 cores)."""
+    Batches of 500 on a GPU; on a CPU of 4096 patch tokens (64 images at patch 4, 256 at patch 8),
+    which fit its caches: 1.4x and 1.15x faster than 500 images on 2 cores."""
     net = unwrap(model)
     was_training, dev = net.training, next(net.parameters()).device
-    batch_size = batch_size or (500 if dev.type == "cuda" else 64)
+    batch_size = batch_size or (500 if dev.type == "cuda" else max(1, 4096 // net.num_patches))
     net.eval()
     abar = cosine_alphas_cumprod().to(dev)
     out = []
@@ -249,7 +250,7 @@ def main():
     p.add_argument("--t", type=int, default=None, help="read features of x_t at this diffusion step (time input t + 1); "
                    "the official read-out for dit/maskdit is --t 50")
     p.add_argument("--raw", action="store_true", help="probe the raw weights even when the checkpoint has an EMA")
-    p.add_argument("--batch-size", type=int, help="feature-extraction batch size (default 500 on a GPU, 64 on a CPU)")
+    p.add_argument("--batch-size", type=int, help="feature-extraction batch size (default 500 on a GPU, 4096 patch tokens on a CPU)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default auto: cuda when available")
     p.add_argument("--json", help="also write every number and setting to this JSON file")
     args = p.parse_args()
