@@ -301,9 +301,10 @@ def table(results, args):
                     f"{r['gflop_per_image']:.2f} | {vs_flops} | {vs_time} |")
     s = results["settings"]
     trained_on = sorted({where(r["pretrain"].get("machine", results["machine"])) for r in ms.values() if "pretrain" in r})
-    rows += ["", f"{s['model']}/p{s['patch_size']}, batch {s['batch_size']}, lr {s['lr']:g} per 256, {s['epochs']:g} "
-             f"epochs of pre-training, {s['finetune_epochs']:g} of fine-tuning (batch {s['finetune_batch_size']}), seed "
-             f"{s['seed']}; probes of the EMA weights trained on {s['probe_images']} images, scored on CIFAR-10 test; "
+    epochs = f"{s['epochs']:g} epoch" + "s" * (s["epochs"] != 1)
+    rows += ["", f"{s['model']}/p{s['patch_size']}, batch {s['batch_size']}, lr {s['lr']:g} per 256, {epochs} of "
+             f"pre-training, {s['finetune_epochs']:g} of fine-tuning (batch {s['finetune_batch_size']}), seed {s['seed']}; "
+             f"probes of the EMA weights trained on {s['probe_images']} images, scored on CIFAR-10 test; "
              f"pre-trained on {'; '.join(trained_on) or '-'}."]
     return "\n".join(rows) + "\n"
 
