@@ -129,12 +129,13 @@ def test_a_comparison_goes_on_with_its_own_preset(tmp_path):
     assert compare.get_args(["--out", str(tmp_path / "new")]).preset == ("gpu" if torch.cuda.is_available() else "cpu")
 
 
-def test_a_damaged_settings_file_is_one_line_and_kept(tmp_path, cifar_dir, capsys):
-    (tmp_path / "settings.json").write_text('{"preset": "cp')
+@pytest.mark.parametrize("damaged", [b'{"preset": "cp', b"[]", b"\xff\xfe\x00"])
+def test_a_damaged_settings_file_is_one_line_and_kept(damaged, tmp_path, cifar_dir, capsys):
+    (tmp_path / "settings.json").write_bytes(damaged)
     assert compare.main(["--out", str(tmp_path), "--data-dir", str(cifar_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "settings.json is damaged" in err[0]
-    assert (tmp_path / "settings.json").read_text() == '{"preset": "cp'
+    assert (tmp_path / "settings.json").read_bytes() == damaged
 
 
 def test_the_probes_learn_from_an_equal_number_of_images_per_class(finished, cifar_dir, monkeypatch):
@@ -147,4 +148,5 @@ def test_the_probes_learn_from_an_equal_number_of_images_per_class(finished, cif
     (f, y), = seen
     assert r["train_images"] == len(f) == 100 and y.bincount(minlength=10).tolist() == [10] * 10
     assert compare.get_args(["--epochs", "0.5"]).probe_images == 5000  # a smoke run: a smaller probe
+    assert compare.get_args(["--epochs", "0.5", "--shots", "600"]).probe_images == 12000  # 2 x shots per class
     assert compare.get_args(["--epochs", "1"]).probe_images == 50000

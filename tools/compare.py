@@ -84,7 +84,7 @@ def get_args(argv=None):
     p.add_argument("--shots", type=int, default=100, help="few-shot ridge probe: training images per class (default 100)")
     p.add_argument("--probe-images", type=int, help="training images the probes learn from, equal per class (default: "
                    "all 50000; 5000 when pre-training is under one epoch, a smoke run, where extracting features "
-                   "would take most of the time)")
+                   "would take most of the time; drawn with --seed)")
     p.add_argument("--data-dir", default="./data", help="where cifar-10-batches-py lives (default ./data)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: the preset's")
     p.add_argument("--out", help="run folder (default runs/compare-<model>-p<patch>)")
@@ -97,7 +97,7 @@ def get_args(argv=None):
         if key != "device" and getattr(args, key) is None:
             setattr(args, key, value)
     if args.probe_images is None:
-        args.probe_images = 50000 if args.epochs >= 1 else 5000
+        args.probe_images = 50000 if args.epochs >= 1 else min(50000, max(5000, 20 * args.shots))
     args.preset = preset
     args.device = PRESETS[preset]["device"] if args.device == "auto" else args.device
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -111,9 +111,12 @@ def saved_settings(out):
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise CompareError(f"{path} is damaged; restore it, or pass another --out") from None
+        saved = json.loads(path.read_text())
+    except ValueError:  # not JSON, or not text
+        saved = None
+    if not isinstance(saved, dict):
+        raise CompareError(f"{path} is damaged; restore it, or pass another --out")
+    return saved
 
 
 def check(args):
@@ -376,6 +379,7 @@ def picture(out, methods, path, extra=None, label_w=70, gap=12):
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
+    args = None
     try:
         args = get_args(argv)
         check(args)
@@ -401,8 +405,8 @@ def main(argv=None):
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ncompare.py: stopped; finished stages are kept in {args.out}: run the same command again to go on",
-              file=sys.stderr)
+        print(f"\ncompare.py: stopped; finished stages are kept in {args.out if args else 'the run folder'}: run the "
+              "same command again to go on", file=sys.stderr)
         return 130
     print("\n" + (Path(args.out) / "table.md").read_text() + f"\n{args.out}: results.json, table.md, compare.png")
     waiting = [m for m, r in results["methods"].items() if args.fid and "samples" in r and "fid" not in r]
