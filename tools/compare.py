@@ -2,7 +2,7 @@
 same network, schedule, batch, seed and data order (only the method preset differs), then
 probed, fine-tuned with labels, sampled and scored.
 
-    python tools/compare.py --preset cpu     # tiny/4 on 2 CPU cores, about 2.5 hours (README)
+    python tools/compare.py --preset cpu     # tiny/4 on 2 CPU cores, 2.4 hours (README)
     python tools/compare.py --preset gpu     # small/2 on one H100/H200 (not yet measured)
     python tools/compare.py --model tiny --patch-size 8 --epochs 0.05 --finetune-epochs 0.02 --fid 0
 
@@ -47,8 +47,8 @@ from sample import class_labels, generate, to_uint8  # noqa: E402
 from tools.bench import step_flops  # noqa: E402
 from tools.fid import FIDError, Inception, fid_of_images  # noqa: E402
 
-# The presets (README "The comparison"): cpu is sized for about 2.5 hours of 2 cores, gpu for
-# about 9 minutes of one H100/H200 (from the analytic FLOPs; not yet run on one).
+# The presets (README "The comparison"): cpu takes 2.4 hours of 2 cores (measured), gpu is sized
+# for about 9 minutes of one H100/H200 (from the analytic FLOPs; not yet run on one).
 # The fine-tunes are short, so their EMA is too: the official 1 - 1e-4 * batch / 256 would leave
 # it at the starting weights, fresh label embedding included. With these decays under 3% of the
 # start is left at the end (0.97 ** 117 steps on the cpu, 0.99 ** 390 on the gpu).
@@ -71,8 +71,8 @@ class CompareError(Exception):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="default auto: the --out folder's own, else gpu with CUDA, else cpu. cpu is sized for "
-                   "about 2.5 hours of 2 cores, gpu for about 9 minutes of one H100/H200 (from FLOPs, not yet "
+                   help="default auto: the --out folder's own, else gpu with CUDA, else cpu. cpu takes 2.4 hours "
+                   "of 2 cores (measured), gpu is sized for about 9 minutes of one H100/H200 (from FLOPs, not yet "
                    "measured). " + "; ".join(
                        f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items()) for k, d in PRESETS.items()))
     p.add_argument("--methods", default="umd,mae,dit,maskdit", help="comma-separated (default umd,mae,dit,maskdit)")
