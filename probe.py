@@ -184,9 +184,9 @@ LINEAR_GRID = [(lr, wd) for lr in (0.1, 0.01, 0.001) for wd in (0.0, 1e-4, 1e-3)
 
 
 def linear_probe(train_f, train_y, test_f, test_y, num_classes, grid=LINEAR_GRID, epochs=20, val_fraction=0.1, log=print):
-    """Choose learning rate and weight decay on the last val_fraction of the training set (the
-    last 5000 of CIFAR-10's 50000 training images; test images are never seen), then train on all
-    training images with the best pair and report top-1 on the test set."""
+    """Choose learning rate and weight decay on the last val_fraction of the training features
+    (on all of CIFAR-10 train, its last 5000 images; test images are never seen), then train on
+    all training features with the best pair and report top-1 on the test set."""
     n_val = int(len(train_f) * val_fraction)
     tr_f, tr_y, va_f, va_y = train_f[:-n_val], train_y[:-n_val], train_f[-n_val:], train_y[-n_val:]
     val = dict(zip(grid, accuracy(train_linear(tr_f, tr_y, num_classes, grid, epochs), va_f, va_y)))
