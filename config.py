@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from model import SIZES, CheckpointError, read_checkpoint
+from machinery import CheckpointError, read_checkpoint
+from model import SIZES
 
 # Every method is a setting of the one UMD step (corruption.py; README "The idea in one screen").
 # mask_ratio_t0 is unused where r_t0 = 0 (no noise-free step), mask_ratio where r_t0 = 1.
@@ -58,9 +59,6 @@ RECIPES = dict(
 )
 # The same in every recipe.
 RUN_DEFAULTS = dict(dataset="cifar10", data_dir="./data", img_size=32, seed=0, ckpt_minutes=10.0, device="auto")
-# Flags that choose the size or the schedule: with any of them the default recipe is gpu, since
-# only the whole CPU recipe is known to fit a CPU.
-SCHEDULE_FLAGS = ("model", "patch_size", "epochs", "batch_size", "lr", "warmup")
 # Flags that may change on --resume (they do not change what is computed); the others come from
 # the saved run. max_steps is a stop, not a setting: a resumed run without it runs to the end.
 RUNTIME_FLAGS = ("max_steps", "log_every", "device", "compile", "amp", "probe_every", "ckpt_minutes", "data_dir")
@@ -79,8 +77,8 @@ def get_args(argv=None):
     a("--data-dir", help="where cifar-10-batches-py lives or is downloaded" + d["data_dir"])
     a("--img-size", type=int, help="image size for --dataset folder" + d["img_size"])
     a("--method", choices=list(METHODS), help="loss preset (default umd; on --finetune, the checkpoint's)")
-    a("--recipe", choices=["auto", "gpu", "cpu"], help="default auto: cpu without CUDA when no size or "
-      "schedule flag is given, else gpu (the official hyper-parameters)")
+    a("--recipe", choices=["auto", "gpu", "cpu"],
+      help="the column of defaults for flags not given; auto (default): gpu with CUDA, else cpu")
     a("--r-t0", type=float, help="share of each batch on the noise-free step (from --method; umd 0.5)")
     a("--mask-ratio-t0", type=float, help="patches dropped on the noise-free step (from --method; 0.75)")
     a("--mask-ratio", type=float, help="patches dropped on noisy steps (from --method; umd 0.375)")
@@ -117,9 +115,8 @@ def resolve(args):
         s.method = s.method or pre.get("train", {}).get("method", "umd")
         s.model, s.patch_size = pre["model"]["size"], pre["model"]["patch_size"]
     s.method = s.method or "umd"
-    cuda = torch.cuda.is_available() and s.device != "cpu"
-    if s.recipe in (None, "auto"):
-        s.recipe = "cpu" if not cuda and not any(k in given for k in SCHEDULE_FLAGS) else "gpu"
+    if s.recipe in (None, "auto"):  # the device alone decides; flags given keep their values
+        s.recipe = "gpu" if torch.cuda.is_available() and s.device != "cpu" else "cpu"
     column = COLUMNS.index(("finetune-" if s.finetune else "") + s.recipe)
     preset = {**METHODS[s.method], **(FINETUNE_METHODS[s.method] if s.finetune else {})}
     for key, value in {**{k: v[column] for k, v in RECIPES.items()}, **preset}.items():

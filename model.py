@@ -17,12 +17,12 @@ References:
       visible patches, decoder with mask tokens)
 """
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from machinery import CheckpointError, read_checkpoint
 
 CLEAN = 0  # the time input of a clean image: the noise-free step and the probes
 
@@ -33,24 +33,13 @@ def time_input(t):
     return t + 1
 
 
-# width, encoder depth, decoder depth, heads. small/base/large are the official sizes; tiny is for CPUs.
+# width, encoder depth, decoder depth, heads: small/base/large are official; tiny is for CPUs
 SIZES = {
     "tiny": (192, 6, 2, 3),
     "small": (384, 12, 4, 6),
     "base": (768, 12, 4, 12),
     "large": (1024, 24, 8, 16),
 }
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be loaded as a checkpoint of this project."""
-
-
-def unwrap(model):
-    """The plain UMDModel inside torch.compile (._orig_mod) and DDP (.module) wrappers."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module) or isinstance(getattr(model, "module", None), nn.Module):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
 
 
 def patchify(x, p):
@@ -64,7 +53,7 @@ def unpatchify(x, p, C):
     """[B, L, p*p*C] -> [B, C, H, W], the inverse of patchify for square images."""
     B, L, _ = x.shape
     g = math.isqrt(L)  # patches per side
-    x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # [B, C, row, y in patch, column, x in patch]
+    x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # [B, C, row, y, column, x]
     return x.reshape(B, C, g * p, g * p)
 
 
@@ -81,8 +70,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, heads, N, D/heads]
-        x = F.scaled_dot_product_attention(*qkv)  # [B, heads, N, D/heads]; flash / memory-efficient kernels on GPU
+        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(*qkv)  # [B, heads, N, D/heads]; flash kernels on GPUs
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -110,7 +99,8 @@ def mlp2(dim):  # the condition trunk: Linear(d, 2d) -> SiLU -> Linear(2d, d)
 
 
 class UMDModel(nn.Module):
-    def __init__(self, size="small", patch_size=2, img_size=32, channels=3, num_classes=None, num_cls_tokens=4):
+    def __init__(self, size="small", patch_size=2, img_size=32, channels=3, num_classes=None,
+                 num_cls_tokens=4):
         super().__init__()
         if size not in SIZES:
             raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
@@ -119,12 +109,12 @@ class UMDModel(nn.Module):
         dim, depth, dec_depth, heads = SIZES[size]
         self.config = dict(size=size, patch_size=patch_size, img_size=img_size, channels=channels,
                            num_classes=num_classes, num_cls_tokens=num_cls_tokens)
-        self.patch_size, self.channels, self.num_classes, self.dim = patch_size, channels, num_classes, dim
+        self.patch_size, self.channels, self.num_classes = patch_size, channels, num_classes
+        self.dim = dim
         self.num_patches = (img_size // patch_size) ** 2
 
-        # condition: sinusoidal time features (time input 0..T; frequencies exp(-ln(10^4) k / (half - 1)),
-        # [sin, cos], as the official TimeEmb, where DiT divides by half and puts cos first) and an
-        # optional label, each through an MLP; c = SiLU(t_emb + y_emb) feeds every adaLN linear
+        # the condition: sinusoidal features of the time input and an optional label, each
+        # through an MLP; c = SiLU(t_emb + y_emb) feeds every adaLN linear
         self.t_mlp = mlp2(dim)
         if num_classes is not None:  # one extra row: the null label of classifier-free guidance
             self.y_embed = nn.Embedding(num_classes + 1, dim)
@@ -145,9 +135,8 @@ class UMDModel(nn.Module):
         initialize_weights(self)
 
     def condition(self, time_in, y=None):
-        """c [B, d] = SiLU(t_mlp(sinusoidal(time_in)) + y_mlp(y_embed(y))), the input of every adaLN."""
-        # the frequencies are made here, as DiT's timestep_embedding does, not kept in a buffer:
-        # a model without buffers gives DDP nothing to sync in forward (train.py, wrap)
+        """c [B, d] = SiLU(t_mlp(sinusoidal(time_in)) + y_mlp(y_embed(y))), input of every adaLN."""
+        # made here, not kept in a buffer: a model without buffers gives DDP nothing to sync
         half = self.dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=time_in.device) / (half - 1))
         args = time_in.float()[:, None] * freqs[None]  # [B, half]
@@ -160,9 +149,9 @@ class UMDModel(nn.Module):
     def encode(self, x, c, ids_keep=None):
         """Visible patches -> (representation [B, d], encoded patch tokens [B, n_keep, d])."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, L, d], patches in row-major order
-        x = x + self.pos_embed  # position is added before masking, so a kept patch knows where it was
+        x = x + self.pos_embed  # added before masking, so a kept patch knows where it was
         if ids_keep is not None:  # keep the visible patches: x[b, i] = x[b, ids_keep[b, i]]
-            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, n_keep, d]
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         k = self.cls_tokens.shape[1]
         x = torch.cat([self.cls_tokens.expand(x.shape[0], -1, -1), x], dim=1)  # [B, k + n_keep, d]
         for block in self.encoder:
@@ -175,8 +164,8 @@ class UMDModel(nn.Module):
         if ids_restore is not None:
             B, n_keep, D = x.shape
             mask_tokens = self.mask_token.to(x.dtype).expand(B, ids_restore.shape[1] - n_keep, D)
-            x = torch.cat([x, mask_tokens], dim=1)  # [B, L, d] in shuffled order: kept first, then dropped
-            x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))  # back to patch order
+            x = torch.cat([x, mask_tokens], dim=1)  # [B, L, d], shuffled: kept first, then dropped
+            x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))  # patch order
         # the representation rides along as one extra token: the decoder reads the class tokens'
         # summary, so the encoder must put what reconstruction needs into it
         x = torch.cat([rep.unsqueeze(1), x + self.dec_pos_embed], dim=1)  # [B, 1 + L, d]
@@ -188,7 +177,7 @@ class UMDModel(nn.Module):
         return unpatchify(x, self.patch_size, 2 * self.channels)  # [B, 2C, H, W]
 
     def forward(self, x, time_in, y=None, ids_keep=None, ids_restore=None):
-        """x [B, C, H, W]; time_in: LongTensor[B], CLEAN (= 0) or time_input(t) for diffusion step t;
+        """x [B, C, H, W]; time_in: LongTensor[B], CLEAN (0) or time_input(t) for diffusion step t;
         y: labels [B] or None (the null label); ids_keep/ids_restore from
         corruption.random_masking (None = no masking).
         Returns [B, 2C, H, W]: channels [:C] predict x0, [C:] predict eps."""
@@ -205,19 +194,7 @@ class UMDModel(nn.Module):
 
 
 def initialize_weights(model):
-    """Initialisation. Where it follows the official code (small-vision big_vision/models/ae.py,
-    big_vision/models/vit.py, big_vision/models/embeddings.py) and where it follows DiT
-    (facebookresearch/DiT models.py) instead:
-    - official: position embeddings normal with std 1/sqrt(L); class tokens 0; mask token std 0.02;
-      block MLPs xavier-uniform; every adaLN linear and the final modulation at zero (adaLN-Zero:
-      blocks start as the identity, the output unmodulated); output head std 0.02 (officially a
-      ConvTranspose with k = stride = p, the same map); label embedding std 1/sqrt(d), flax's
-      nn.Embed default, so that a fresh label branch barely moves a pre-trained condition;
-    - DiT, not official: the patch embedding is xavier-uniform on the flattened kernel (official:
-      lecun-normal, about 4x larger at p = 2); q, k, v are one fused xavier-uniform Linear, so each
-      is 1/sqrt(2) smaller than the official three separate ones; the time and label MLPs are
-      xavier-uniform (official: lecun-normal);
-    - all biases 0 (official MLP biases are N(0, 1e-6), the same thing in practice)."""
+    """The official initialisation, with DiT's where the README says ("Where we follow...")."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -240,7 +217,7 @@ def initialize_weights(model):
 
 
 def build_model(size="small", patch_size=2, img_size=32, num_classes=None, channels=3):
-    return UMDModel(size=size, patch_size=patch_size, img_size=img_size, channels=channels, num_classes=num_classes)
+    return UMDModel(size, patch_size, img_size, channels, num_classes)
 
 
 def no_decay(name):
@@ -249,48 +226,13 @@ def no_decay(name):
     return name.endswith("bias") or name in ("cls_tokens", "mask_token")
 
 
-def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict of a umd run, checked: one clear CheckpointError otherwise."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file; pass the ckpt.pt of a run (runs/<name>/ckpt.pt)")
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}); pass the ckpt.pt of a umd run")
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not (isinstance(config, dict) and isinstance(config.get("model"), dict) and isinstance(ckpt.get("model"), dict)):
-        raise CheckpointError(f"{path} is a PyTorch file but not a umd checkpoint (no 'model' and 'config' entries)")
-    return ckpt
-
-
 def load_checkpoint(path, device="cpu", ema=True):
-    """(model in eval mode, checkpoint dict); the model holds the EMA weights when the
-    checkpoint has them, unless ema=False."""
+    """(model in eval mode, checkpoint dict); the EMA weights when it has them, unless ema=False."""
     ckpt = read_checkpoint(path, device)
     try:
         model = UMDModel(**ckpt["config"]["model"]).to(device)
         model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
     except (RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: weights do not match the model its config describes ({str(e).splitlines()[0]})")
+        raise CheckpointError(f"{path}: weights do not match the model its config describes "
+                              f"({str(e).splitlines()[0]})")
     return model.eval(), ckpt
-
-
-def save_atomic(obj, path):
-    """Write to a temp file, fsync, rename: a crash never leaves a half-written file. obj is text,
-    a function that writes into the open file, or anything torch.save takes."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        if isinstance(obj, str):
-            f.write(obj.encode())
-        elif callable(obj):
-            obj(f)
-        else:
-            torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(Path(path).parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

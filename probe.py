@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from corruption import cosine_alphas_cumprod, q_sample
 from data import DataError, Stream, derive_seed, load_dataset, to_float
-from model import CLEAN, CheckpointError, load_checkpoint, time_input, unwrap
+from machinery import CheckpointError, unwrap
+from model import CLEAN, load_checkpoint, time_input
 
 NOISE_BLOCK = 1000  # feature noise is drawn per fixed block of images: independent of batch size
 

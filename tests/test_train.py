@@ -11,7 +11,6 @@ import torch
 
 import config
 import train
-from corruption import noise_free_share
 from conftest import ROOT, run_script
 from model import load_checkpoint
 
@@ -37,7 +36,7 @@ def test_cli_smoke_writes_run_files(tiny_run):
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["method"] == "umd" and config["r_t0"] == 0.5 and config["mask_ratio"] == 0.375
-    assert config["lr"] == 1.5e-4 and config["beta2"] == 0.95 and config["weight_decay"] == 0.05
+    assert config["lr"] == 1e-3 and config["recipe"] == "cpu" and config["weight_decay"] == 0.05
     records = log(tiny_run)
     assert [r["step"] for r in records] == [4, 8]
     for r in records:
@@ -126,7 +125,7 @@ def test_resume_takes_unset_flags_from_the_saved_run(cifar_dir, tmp_path, capsys
     assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 2, "--out", out]) == 0
     # no --data-dir: the run's own (cifar_dir), not ./data; no --max-steps: to the end of the schedule
     args = config.resolve(config.get_args(["--resume", "--out", str(out), "--max-steps", "3"]))
-    assert args.data_dir == str(cifar_dir) and args.max_steps == 3 and args.lr == 1.5e-4 and args.model == "tiny"
+    assert args.data_dir == str(cifar_dir) and args.max_steps == 3 and args.lr == 1e-3 and args.model == "tiny"
     assert config.resolve(config.get_args(["--resume", "--out", str(out)])).max_steps is None
     capsys.readouterr()
     assert run_main(["--resume", "--out", out, "--lr", "0.1"]) == 2  # a setting cannot change mid-run
@@ -181,27 +180,28 @@ def test_method_presets_and_finetune_recipe(tiny_run):
     assert resolve("--finetune", tiny_run / "ckpt.pt", "--recipe", "gpu", "--batch-size", 1024).ema_decay == pytest.approx(0.9996)
 
 
-def test_default_recipe_fits_the_machine(tiny_run, monkeypatch):
+def test_default_recipe_follows_the_device_only(tiny_run, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    a = resolve("--out", "/nonexistent/x")  # no CUDA, no size or schedule flag: the CPU recipe
+    a = resolve("--out", "/nonexistent/x")  # no CUDA: the CPU recipe
     assert (a.recipe, a.model, a.patch_size, a.batch_size, a.epochs, a.lr) == ("cpu", "tiny", 4, 128, 2.5, 1e-3)
-    assert resolve("--model", "small", "--out", "/nonexistent/x").recipe == "gpu"  # a size flag: the official recipe
+    a = resolve("--epochs", 1, "--out", "/nonexistent/x")  # a schedule flag keeps the CPU recipe
+    assert (a.recipe, a.model, a.batch_size, a.epochs) == ("cpu", "tiny", 128, 1)
+    assert resolve("--model", "small", "--out", "/nonexistent/x").batch_size == 128
     assert resolve("--recipe", "gpu", "--out", "/nonexistent/x").epochs == 800
     ft = resolve("--finetune", tiny_run / "ckpt.pt", "--out", "/nonexistent/x")
     assert (ft.recipe, ft.epochs, ft.batch_size, ft.ema_decay) == ("cpu", 0.6, 128, 0.99)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve("--out", "/nonexistent/x").recipe == "gpu"
+    assert resolve("--epochs", 1, "--out", "/nonexistent/x").batch_size == 1024
+    assert resolve("--device", "cpu", "--out", "/nonexistent/x").recipe == "cpu"
 
 
 def test_first_line_says_which_recipe_runs_on_the_cpu(cifar_dir, tmp_path):
     common = ["--data-dir", cifar_dir, "--device", "cpu", "--probe-every", "0", "--max-steps", 1]
-    r = run_script("train.py", *common, "--out", tmp_path / "a")  # no size or schedule flag
+    r = run_script("train.py", *common, "--batch-size", 32, "--out", tmp_path / "a")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0].startswith("on the CPU: the CPU recipe (batch 128, 2.5 epochs, tiny/p4;")
-    r = run_script("train.py", *common, "--model", "tiny", "--patch-size", 8, "--batch-size", 32, "--out", tmp_path / "b")
-    assert r.returncode == 0, r.stderr  # a size flag: the GPU recipe's other defaults, and the line says so
-    assert r.stdout.splitlines()[0].startswith(
-        "on the CPU with a size or schedule flag: the GPU recipe fills in the flags not given (batch 32, 800 epochs,")
+    assert r.stdout.splitlines()[0].startswith("on the CPU: the CPU recipe fills every flag not given")
+    assert "tiny/p4" in r.stdout.splitlines()[1] and "batch 32" in r.stdout.splitlines()[1]
 
 
 def test_help_shows_every_recipe_value(capsys):
@@ -218,12 +218,6 @@ def test_lr_schedule():
     assert train.lr_at(9, 100, 10, peak) == pytest.approx(peak)
     assert train.lr_at(55, 100, 10, peak) == pytest.approx(peak / 2)
     assert train.lr_at(100, 100, 10, peak) == pytest.approx(0, abs=1e-12)
-
-
-def test_noise_free_share_of_the_global_batch():
-    for batch, r_t0, world in [(1024, 0.5, 8), (256, 0.05, 8), (256, 0.05, 16), (32, 0.25, 3)]:
-        shares = [noise_free_share(batch, r_t0, rank, world) for rank in range(world)]
-        assert sum(shares) == int(batch * r_t0) and max(shares) - min(shares) <= 1
 
 
 @pytest.mark.parametrize("flags", [

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import train  # noqa: E402
 from data import CIFAR_CLASSES, DataError, load_dataset  # noqa: E402
-from model import CheckpointError, load_checkpoint, save_atomic  # noqa: E402
+from machinery import CheckpointError, read_log, save_atomic  # noqa: E402
+from model import load_checkpoint  # noqa: E402
 from probe import evaluate, extract_features, fewshot_indices  # noqa: E402
 from sample import class_labels, generate, to_uint8  # noqa: E402
 from tools.bench import step_flops  # noqa: E402
@@ -165,7 +166,7 @@ def run_training(run_dir, argv, args):
                                         "--data-dir", args.data_dir]))
     if code != 0:
         raise KeyboardInterrupt  # stopped by Ctrl-C after saving: the next run resumes it
-    log = [r for r in map(train.parse_log_line, (run_dir / "log.jsonl").read_text().splitlines()) if r]
+    log = read_log(run_dir / "log.jsonl")
     batch = json.loads((run_dir / "config.json").read_text())["batch_size"]
     records, seconds, prev = [r for r in log if "img_per_s" in r], 0.0, 0
     for r in records:

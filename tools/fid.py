@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import IMAGE_EXTS, DataError, file_digest, load_cifar10  # noqa: E402
-from model import save_atomic  # noqa: E402
+from machinery import save_atomic  # noqa: E402
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_ENV = "UMD_INCEPTION"

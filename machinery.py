@@ -1,0 +1,342 @@
+"""The machinery around the training step, kept out of the method's files: devices and DDP,
+compile, the run folder (lock, config, log, checkpoints), atomic writes, Ctrl-C and the loss meter.
+Nothing here changes what is computed; train.py reads without it.
+"""
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+try:
+    import fcntl  # POSIX: a lock that the kernel drops when its process dies, however it dies
+except ImportError:  # Windows: no run-folder lock
+    fcntl = None
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as a checkpoint of this project."""
+
+
+class TrainError(Exception):
+    """A run that cannot start or go on (data too small, a non-finite loss): one line, exit 2."""
+
+
+# ----------------------------------------------------------------------------- files
+def save_atomic(obj, path):
+    """Write to a temp file, fsync, rename: a crash, a full disk or Ctrl-C never leaves a
+    half-written file under `path`, nor a temp file beside it. obj is text, a function that
+    writes into the open file, or anything torch.save takes."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(obj, str):
+                f.write(obj.encode())
+            elif callable(obj):
+                obj(f)
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def writable(path, what="output"):
+    """Check before the work that an output file can be written there (its folder is made):
+    one clear OSError now rather than a lost result later."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, f"{what} is a folder; give a file name", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(13, "Permission denied", str(path.parent))
+    return path
+
+
+def os_error_line(e):
+    """One line for an OSError at the project's edges: what, where, and what to do."""
+    where = f" {e.filename}" if e.filename else ""
+    hint = {28: "; free some space (a stopped run resumes with --resume)",
+            13: "; choose a folder you can write", 30: "; choose a folder you can write"}
+    return f"cannot use{where}: {e.strerror or e}{hint.get(e.errno, '')}"
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict of a umd run, checked: one clear CheckpointError otherwise."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file; pass the ckpt.pt of a run (runs/<name>/ckpt.pt)")
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}); "
+                              "pass the ckpt.pt of a umd run")
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not (isinstance(model, dict) and {"size", "patch_size"} <= set(model)
+            and isinstance(ckpt.get("model"), dict)):
+        raise CheckpointError(f"{path} is a PyTorch file but not a umd checkpoint "
+                              "(no 'model' weights and model config)")
+    return ckpt
+
+
+def parse_log_line(line):
+    """A log record, or None for a line that is not one (half-written by a crash, or damaged)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:  # JSONDecodeError, and undecodable bytes
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
+
+
+def read_log(path):
+    return [r for r in map(parse_log_line, Path(path).read_text(errors="replace").splitlines()) if r]
+
+
+# ----------------------------------------------------------------------------- devices
+def setup_device(choice):
+    """(device, rank, world). Under torchrun: one process per GPU (NCCL), or gloo on CPUs."""
+    cuda = torch.cuda.is_available()
+    if choice == "cuda" and not cuda:
+        raise TrainError("--device cuda but no CUDA device is available; use --device cpu")
+    kind = "cuda" if choice == "cuda" or (choice == "auto" and cuda) else "cpu"
+    rank, world = 0, 1
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if kind == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda", torch.cuda.current_device()), rank, world
+    return torch.device("cpu"), rank, world
+
+
+def noise_free_share(batch_size, r_t0, rank, world):
+    """This rank's share of the int(B * r_t0) noise-free images of the global batch B."""
+    n = int(batch_size * r_t0)
+    return n // world + (rank < n % world)
+
+
+class DDP(DistributedDataParallel):
+    """DDP that lends its network's attributes (patch_size, num_classes), as torch.compile's
+    wrapper does, so that the loss reads them through any wrapper."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+def wrap(model, device, world, use_compile, unused_params):
+    """DDP (several processes) and torch.compile around the same weights."""
+    if world > 1:
+        # DDP must not talk in forward: ranks may run one forward or two (the model has no
+        # buffers to sync). static_graph: the mask token gets no gradient on a rank with nothing
+        # masked (find_unused_parameters walks only the last of two forwards, and fails).
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    static_graph=unused_params)
+    if use_compile:  # static shapes: each group of a UMD step has a fixed token count, so 2 graphs
+        model = torch.compile(model, dynamic=False)
+    return model
+
+
+def unwrap(model):
+    """The plain network inside torch.compile (._orig_mod) and DDP (.module) wrappers."""
+    while "_orig_mod" in model._modules or isinstance(model, DistributedDataParallel):
+        model = model._modules.get("_orig_mod") or model.module
+    return model
+
+
+class LossMeter:
+    """Sums of the losses since the last log point, kept on the device, and the first step whose
+    loss was not finite: the host reads them at log points only, so it never waits mid-interval."""
+
+    def __init__(self, device):
+        self.zero = torch.zeros((), device=device)
+        self.sums = torch.zeros(3, device=device)    # loss, loss_t0, loss_t
+        self.counts = torch.zeros(3, device=device)  # a DDP rank may have no noise-free images
+        self.present = None
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.restart()
+
+    def restart(self):  # probes and checkpoints are not training time
+        self.sums.zero_()
+        self.counts.zero_()
+        self.steps, self.start = 0, time.time()
+
+    @torch.no_grad()
+    def add(self, step, loss, stats):
+        loss = loss.detach()
+        if self.present is None:  # which groups this rank has is the same at every step
+            self.present = torch.tensor([1.0, "loss_t0" in stats, "loss_t" in stats],
+                                        device=self.sums.device)
+        self.sums += torch.stack([loss, stats.get("loss_t0", self.zero),
+                                  stats.get("loss_t", self.zero)])
+        self.counts += self.present
+        bad = (self.bad_step < 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(bad, step + 1, self.bad_step)
+        self.steps += 1
+
+    def read(self, world):
+        """(mean loss, loss_t0, loss_t over the interval and the ranks, steps, seconds, bad step)."""
+        if world > 1:
+            for t in (self.sums, self.counts):
+                dist.all_reduce(t)
+            dist.all_reduce(self.bad_step, op=dist.ReduceOp.MAX)
+        means = (self.sums / self.counts.clamp(min=1)).tolist()
+        return means, self.steps, time.time() - self.start, self.bad_step.item()
+
+
+# ----------------------------------------------------------------------------- the run folder
+def claim(out):
+    """Make the run folder and lock it: a second run on it stops with one line instead of
+    sharing its files. The lock goes with the returned file: closed, or its process ended."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "a")
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise TrainError(f"{out} is in use by another run; wait for it to end or pass another --out")
+    return lock
+
+
+class Run:
+    """The run folder as the loop sees it: config.json, log.jsonl, ckpt.pt, a progress bar and
+    Ctrl-C. The first Ctrl-C (or SIGTERM) lets the step finish, save and stop at the next log
+    point; a second aborts at once, and never in the middle of a checkpoint write."""
+
+    def __init__(self, out, lock, info, resumed, world, device, stop_step):
+        self.out, self.lock, self.world, self.device = Path(out), lock, world, device
+        self.main = main_process = lock is not None
+        self.ckpt, self.step, self.steps_per_epoch = self.out / "ckpt.pt", info["step"], info["steps_per_epoch"]
+        self.saved_step = self.step if resumed else None  # the checkpoint on disk
+        self.meter, self.stop, self.last_save = LossMeter(device), False, time.time()
+        if main_process:  # the log: empty for a new run; on resume, cut back to the checkpoint
+            save_atomic(json.dumps(info, indent=2) + "\n", self.out / "config.json")
+            log = self.out / "log.jsonl"
+            kept = [r for r in read_log(log) if r["step"] <= self.step] if resumed and log.exists() else []
+            save_atomic("".join(json.dumps(r) + "\n" for r in kept), log)
+        self.log_file = open(self.out / "log.jsonl" if main_process else os.devnull, "a")
+        self.bar = tqdm(total=stop_step, initial=self.step, disable=not main_process,
+                        desc=self.out.name, unit="step", dynamic_ncols=True)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _on_signal(self, signum, frame):
+        self.stop = True
+        signal.signal(signum, self.previous[signum])  # the next one raises KeyboardInterrupt
+
+    def __exit__(self, kind, error, tb):
+        self.bar.close()
+        self.log_file.close()
+        if self.lock:
+            self.lock.close()
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        if kind is KeyboardInterrupt:  # a second Ctrl-C: no time to save
+            kept = (f"{self.ckpt} (step {self.saved_step}) is kept" if self.saved_step is not None
+                    else "no checkpoint was written yet")
+            print(f"train.py: aborted at step {self.step} by a second Ctrl-C; {kept}", file=sys.stderr)
+            raise SystemExit(130)
+
+    def add(self, step, loss, stats):
+        self.meter.add(step, loss, stats)
+        self.step = step + 1
+        self.bar.update(1)
+
+    def at_log_point(self, due):
+        """Every rank must reach the same log points: a Ctrl-C under DDP waits for a regular one."""
+        if not (due or (self.stop and self.world == 1)):
+            return False
+        if self.world > 1:
+            flag = torch.tensor([float(self.stop)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.stop = bool(flag.item())
+        return True
+
+    def losses(self, step, lr, batch_size):
+        """The log record of the interval that ends at `step`; a non-finite loss stops the run."""
+        (loss, loss_t0, loss_t), n, seconds, bad_step = self.meter.read(self.world)
+        if bad_step >= 0:
+            kept = (f"the last good checkpoint ({self.ckpt}, step {self.saved_step}) is kept"
+                    if self.saved_step is not None else "no checkpoint was written")
+            raise TrainError(f"the loss became non-finite at step {bad_step}; stopped: {kept}; "
+                             "try a lower --lr or --amp off")
+        rec = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "loss": loss}
+        present = self.meter.present.tolist()
+        rec.update({k: v for k, v, p in (("loss_t0", loss_t0, present[1]),
+                                         ("loss_t", loss_t, present[2])) if p})
+        rec.update(lr=lr, img_per_s=n * batch_size / seconds)
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+        return rec
+
+    def log(self, rec):
+        self.log_file.write(json.dumps(rec) + "\n")
+        self.log_file.flush()
+
+    def save_due(self, minutes):
+        return self.stop or time.time() - self.last_save > 60 * minutes
+
+    def save(self, state):
+        """Write the checkpoint; a Ctrl-C meanwhile waits for the write to end, then aborts."""
+        if self.main:
+            caught = []
+            held = signal.signal(signal.SIGINT, lambda *a: caught.append(1))
+            try:
+                save_atomic(state, self.ckpt)
+            finally:
+                signal.signal(signal.SIGINT, held)
+            self.saved_step = state["step"]
+            if caught:
+                raise KeyboardInterrupt
+        self.last_save = time.time()
+
+    def interrupted(self, step):
+        """After the first Ctrl-C: the checkpoint is saved; say how to go on."""
+        self.bar.close()
+        if self.world > 1:  # the other ranks wait for rank 0's checkpoint
+            dist.barrier()
+        if self.main:
+            tqdm.write(f"interrupted at step {step}: checkpoint saved to {self.ckpt}; "
+                       f"continue with --resume --out {self.out}")
+        return 130
+
+
+def checkpoint(model, ema, opt, scaler, step, steps_per_epoch, args, data):
+    """Everything --resume needs, and a config that rebuilds the model with no flags."""
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step,
+            "epoch": step / steps_per_epoch,
+            "config": {"model": model.config, "train": vars(args), "data": data}}
+
+
+def check_same_data(resumed, data, path):
+    """--resume: the data must be what the run was trained on (older runs did not record it)."""
+    saved = resumed["config"].get("data")
+    if saved and saved != data:
+        diff = ", ".join(f"{k} {saved.get(k)} then, {data.get(k)} now" for k in data
+                         if saved.get(k) != data.get(k))
+        raise TrainError(f"--resume: the data differ from the run's ({diff}); pass the run's "
+                         f"--data-dir or start a new run ({path})")
