@@ -182,7 +182,7 @@ def load_image_folder(root, img_size, test_fraction=0.1):
                 im = im.resize((max(img_size, round(im.width * s)), max(img_size, round(im.height * s))), Image.BICUBIC)
                 l, t = (im.width - img_size) // 2, (im.height - img_size) // 2
                 xs.append(np.asarray(im.crop((l, t, l + img_size, t + img_size))))
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:  # damaged, or absurdly large
             raise DataError(f"cannot read image {f} ({e}); remove it or fix it")
     x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor([i for _, i in files])
@@ -191,6 +191,9 @@ def load_image_folder(root, img_size, test_fraction=0.1):
         seen[i] += 1
         test.append(seen[i] % every == 0)
     test = torch.tensor(test)
+    if not test.any():
+        raise DataError(f"{root}: too few images for a test split (every tenth image of a class is "
+                        "held out); give at least one class 10 images or more")
     return Dataset(x[~test], y[~test], x[test], y[test], tuple(classes))
 
 

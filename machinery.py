@@ -3,6 +3,7 @@ compile, the run folder (lock, config, log, checkpoints), atomic writes, Ctrl-C 
 Nothing here changes what is computed; train.py reads without it.
 """
 import json
+import math
 import os
 import signal
 import sys
@@ -26,6 +27,10 @@ class CheckpointError(ValueError):
 
 class TrainError(Exception):
     """A run that cannot start or go on (data too small, a non-finite loss): one line, exit 2."""
+
+
+class FlagError(Exception):
+    """An impossible flag value: one line, exit 2."""
 
 
 # ----------------------------------------------------------------------------- files
@@ -74,6 +79,32 @@ def os_error_line(e):
     hint = {28: "; free some space (a stopped run resumes with --resume)",
             13: "; choose a folder you can write", 30: "; choose a folder you can write"}
     return f"cannot use{where}: {e.strerror or e}{hint.get(e.errno, '')}"
+
+
+def command_line(prog, main, errors):
+    """Run a script's main and return its exit status: its user errors and OS errors are one
+    line and 2, Ctrl-C one line and 130; never a traceback."""
+    try:
+        code = main() or 0
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = 2
+    except OSError as e:
+        print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; no file was left half-written", file=sys.stderr)
+        code = 130
+    return code
+
+
+def finite(value, flag, low=None, high=None):
+    """A number flag, checked: finite and in [low, high]; a FlagError names the flag otherwise."""
+    if value is not None and not (math.isfinite(value) and (low is None or value >= low)
+                                  and (high is None or value <= high)):
+        span = f" in [{low:g}, {high:g}]" if high is not None else f" >= {low:g}" if low is not None else ""
+        raise FlagError(f"{flag} {value} must be a finite number{span}")
+    return value
 
 
 def read_checkpoint(path, device="cpu"):

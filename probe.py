@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from corruption import cosine_alphas_cumprod, q_sample
 from data import DataError, Stream, derive_seed, load_dataset, to_float
-from machinery import CheckpointError, unwrap
+from machinery import CheckpointError, FlagError, command_line, save_atomic, unwrap, writable
 from model import CLEAN, load_checkpoint, time_input
 
 NOISE_BLOCK = 1000  # feature noise is drawn per fixed block of images: independent of batch size
@@ -108,6 +108,10 @@ class QuickProbe:
     the first 2000 test images), seconds not minutes. Also gives the raw-pixel number."""
 
     def __init__(self, ds, shots=100, n_test=2000):
+        fewest = ds.train_y.bincount(minlength=ds.num_classes).min().item()
+        if fewest < shots:  # said in train.py's terms: it has no --shots
+            raise DataError(f"the in-training probe takes {shots} training images of every class and "
+                            f"one class has {fewest}; pass --probe-every 0 or use more data")
         self.idx = fewshot_indices(ds.train_y, shots, 0)
         self.train_x, self.train_y = ds.train_x[self.idx], ds.train_y[self.idx]
         self.test_x, self.test_y = ds.test_x[:n_test], ds.test_y[:n_test]
@@ -236,7 +240,7 @@ def evaluate(train_f, train_y, test_f, test_y, num_classes, modes=("linear", "fe
 
 
 # ---------------------------------------------------------------------------- command line
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", nargs="?", help="checkpoint to probe (runs/<name>/ckpt.pt)")
     p.add_argument("--pixels", action="store_true", help="probe standardised raw pixels instead of a checkpoint")
@@ -254,35 +258,34 @@ def main():
     p.add_argument("--batch-size", type=int, help="feature-extraction batch size (default 500 on a GPU, 4096 patch tokens on a CPU)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default auto: cuda when available")
     p.add_argument("--json", help="also write every number and setting to this JSON file")
-    args = p.parse_args()
-    try:
-        run(args)
-    except (DataError, CheckpointError) as e:
-        print(f"probe.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def fail(msg):
-    print(f"probe.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    args = p.parse_args(argv)
+    return command_line("probe.py", lambda: run(args), (DataError, CheckpointError, FlagError))
 
 
 def run(args):
     if args.pixels == bool(args.ckpt):
-        fail("give a checkpoint or --pixels (not both)")
+        raise FlagError("give a checkpoint or --pixels (not both)")
     if args.pixels and (args.t is not None or args.raw):
-        fail("--t and --raw apply to checkpoints, not to --pixels")
+        raise FlagError("--t and --raw apply to checkpoints, not to --pixels")
     if args.t is not None and not 0 <= args.t < 1000:
-        fail(f"--t {args.t} is outside the diffusion steps 0..999")
-    if args.shots < 1 or args.seeds < 1 or args.k < 1:
-        fail("--shots, --seeds and --k must be positive")
+        raise FlagError(f"--t {args.t} is outside the diffusion steps 0..999")
+    if args.shots < 1 or args.seeds < 1 or args.k < 1 or (args.batch_size or 1) < 1:
+        raise FlagError("--shots, --seeds, --k and --batch-size must be positive")
+    json_path = writable(args.json, "--json") if args.json else None  # checked before the work
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is available; use --device cpu")
+        raise FlagError("--device cuda but no CUDA device is available; use --device cpu")
     ds = load_dataset(args.dataset, args.data_dir, args.img_size)
-    if args.mode in ("fewshot", "all"):
-        fewshot_indices(ds.train_y, args.shots)  # a too-large --shots fails now, not after extraction
+    modes = ("linear", "fewshot", "knn") if args.mode == "all" else (args.mode,)
+    n = len(ds.train_y)  # what the probes need fails now, not after the features
+    if "fewshot" in modes:
+        fewshot_indices(ds.train_y, args.shots)
+    if "knn" in modes and args.k > n:
+        raise FlagError(f"--k {args.k} is larger than the {n} training images; pass a smaller --k")
+    if "linear" in modes and n < 20:
+        raise FlagError(f"the linear probe validates on the last 10% of the training images and needs at "
+             f"least 20; the data have {n}: use --mode fewshot or knn, or more data")
     start = time.time()
     if args.pixels:
         what = "raw pixels (standardised)"
@@ -292,24 +295,22 @@ def run(args):
     else:
         model, ckpt = load_checkpoint(args.ckpt, device, ema=not args.raw)
         if model.config["img_size"] != ds.train_x.shape[-1]:
-            fail(f"{args.ckpt} was trained on {model.config['img_size']}px images, the data are {ds.train_x.shape[-1]}px")
+            raise FlagError(f"{args.ckpt} was trained on {model.config['img_size']}px images, the data are {ds.train_x.shape[-1]}px")
         weights = "EMA" if ckpt.get("ema") is not None and not args.raw else "raw"
         what = f"{weights} weights of {args.ckpt} ({ckpt['config'].get('train', {}).get('method', '?')}, step {ckpt.get('step')}" \
                f", t={'clean' if args.t is None else args.t})"
         train_f = extract_features(model, ds.train_x, args.t, args.batch_size, desc="features (train)")
         test_f = extract_features(model, ds.test_x, args.t, args.batch_size, desc="features (test)")
     split = f"{args.dataset.replace('cifar10', 'CIFAR-10')} test, {len(test_f)} images"
-    modes = ("linear", "fewshot", "knn") if args.mode == "all" else (args.mode,)
     results, lines = evaluate(train_f, ds.train_y, test_f, ds.test_y, ds.num_classes, modes, split,
                               args.shots, args.seeds, args.k)
     results = dict(settings={k: v for k, v in vars(args).items()}, what=what, feature_dim=train_f.shape[1], **results)
     results["seconds"] = time.time() - start
     print(f"# {what}")
     print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    if json_path:
+        save_atomic(json.dumps(results, indent=2) + "\n", json_path)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from corruption import cosine_alphas_cumprod, q_sample, random_masking
 from data import DataError, load_dataset, to_float
-from model import CLEAN, CheckpointError, load_checkpoint, time_input, unpatchify
+from machinery import (CheckpointError, FlagError, command_line, finite, save_atomic,
+                       writable)
+from model import CLEAN, load_checkpoint, time_input, unpatchify
 
 
 # ---------------------------------------------------------------------------- DDIM
@@ -88,8 +90,8 @@ def save_grid(images, path, ncol, pad=2):
     for i, im in enumerate(imgs):
         r, k = divmod(i, ncol)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = im
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+    image = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    save_atomic(lambda f: image.save(f, format="PNG"), writable(path))
     return grid.shape
 
 
@@ -148,121 +150,106 @@ def generate(model, labels, n, steps=125, cfg_scale=None, eta=1.0, seed=0, batch
     return torch.cat(chunks)
 
 
-def fid_reference(args):
-    """The Inception network and CIFAR-10 train's statistics (tools/fid.py; cached beside the
-    data), loaded before sampling so that a missing network or dataset fails at once."""
-    from tools.fid import FIDError, Inception, stats_of
-    try:
-        net = Inception(args.inception, "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-        return net, stats_of("cifar10-train", args.data_dir, net)
-    except (FIDError, DataError) as e:
-        fail(str(e))
-
-
-def write_fid(samples, net, reference, args, ckpt_path, ckpt, seconds):
-    """FID of uint8 samples [N, H, W, C] against the reference, written as JSON beside the checkpoint."""
-    from tools.fid import frechet_distance, statistics
-    mu, sigma = statistics(torch.from_numpy(samples).permute(0, 3, 1, 2), net, desc="Inception features (samples)")
-    value = frechet_distance(mu, sigma, reference[0], reference[1])
-    # the file name holds the settings one varies between runs, so that they do not overwrite each other
-    tags = [args.cfg_scale is not None and f"cfg{args.cfg_scale:g}", args.class_label is not None and f"class{args.class_label}",
-            args.eta != 1 and f"eta{args.eta:g}", args.seed != 0 and f"seed{args.seed}", args.raw and "raw"]
-    name = "-".join([f"fid-{len(samples)}-steps{args.steps}", *filter(None, tags)])
-    path = ckpt_path.parent / f"{name}.json"
-    path.write_text(json.dumps(dict(
-        fid=value, n=len(samples), reference="cifar10-train", n_reference=reference[2], steps=args.steps,
-        eta=args.eta, cfg_scale=args.cfg_scale, seed=args.seed, ckpt=str(ckpt_path), ckpt_step=ckpt.get("step"),
-        weights="raw" if args.raw or ckpt.get("ema") is None else "EMA", network_sha256=net.sha256,
-        sampling_seconds=seconds), indent=2) + "\n")
-    return value, path
-
-
 # ---------------------------------------------------------------------------- command line
-def fail(msg):
-    print(f"sample.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", help="checkpoint (default: the newest runs/*/ckpt.pt)")
+    a("--n", type=int, default=64, help="number of samples (default 64; per class: n // classes)")
+    a("--steps", type=int, default=125, help="DDIM steps, 1..1000 (default 125)")
+    a("--eta", type=float, default=1.0, help="DDIM eta (default 1.0, as the official sampler)")
+    a("--cfg-scale", type=float, help="classifier-free guidance scale (conditional checkpoints)")
+    a("--class-label", type=int, help="sample only this class (conditional checkpoints)")
+    a("--seed", type=int, default=0, help="fixes the starting noise, the sampler noise and the masks")
+    a("--batch-size", type=int, default=256, help="images per sampling batch")
+    a("--out", help="PNG to write (default: samples.png / reconstruction.png in the run folder)")
+    a("--npz", help="also save the raw uint8 samples [N, H, W, C] and labels here (for tools/fid.py)")
+    a("--fid", type=int, metavar="N", help="sample N images (an equal number per class for a "
+      "conditional checkpoint) and score their FID against CIFAR-10 train (tools/fid.py); the "
+      "number goes to fid-N-steps<S>[-cfg<s>].json beside the checkpoint")
+    a("--inception", help="--fid: the Inception TorchScript file (else as tools/fid.py finds it)")
+    a("--reconstruct", action="store_true", help="masked-reconstruction picture of test images")
+    a("--data-dir", default="./data", help="--reconstruct and --fid: the dataset folder")
+    a("--raw", action="store_true", help="use the raw weights even when the checkpoint has an EMA")
+    a("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when available")
+    return p.parse_args(argv)
+
+
+def check(args, k, ckpt_path):
+    """One line for every impossible request, before any work (k: the checkpoint's classes)."""
+    if not 1 <= args.steps <= 1000:
+        raise FlagError(f"--steps {args.steps}: use 1..1000 DDIM steps")
+    if args.n < 1 or args.batch_size < 1 or (args.fid is not None and args.fid < 2):
+        raise FlagError("--n and --batch-size must be positive, --fid at least 2")
+    finite(args.eta, "--eta", 0, 1)
+    finite(args.cfg_scale, "--cfg-scale")
+    if k is None and (args.cfg_scale is not None or args.class_label is not None):
+        raise FlagError(f"{ckpt_path} is unconditional: --cfg-scale and --class-label need a "
+                        "checkpoint fine-tuned with labels (train.py --finetune)")
+    if args.class_label is not None and not 0 <= args.class_label < k:
+        raise FlagError(f"--class-label {args.class_label} is out of range: the checkpoint has "
+                        f"classes 0..{k - 1}")
+    if args.fid is not None and args.reconstruct:
+        raise FlagError("--fid scores samples; drop --reconstruct")
+    if args.fid is not None and k and args.class_label is None and args.fid % k:
+        raise FlagError(f"--fid {args.fid}: use a multiple of the {k} classes "
+                        "(an equal number of samples per class)")
 
 
 def newest_checkpoint():
     ckpts = sorted(Path("runs").glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
     if not ckpts:
-        fail("no runs/*/ckpt.pt found; train one with train.py or pass --ckpt")
+        raise FlagError("no runs/*/ckpt.pt found; train one with train.py or pass --ckpt")
     return ckpts[-1]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/ckpt.pt)")
-    p.add_argument("--n", type=int, default=64, help="number of samples (default 64; per class: n // classes)")
-    p.add_argument("--steps", type=int, default=125, help="DDIM steps, 1..1000 (default 125)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1.0, as the official sampler)")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (conditional checkpoints)")
-    p.add_argument("--class-label", type=int, help="sample only this class (conditional checkpoints)")
-    p.add_argument("--seed", type=int, default=0, help="fixes the starting noise, the sampler noise and the masks")
-    p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
-    p.add_argument("--out", help="PNG to write (default: samples.png / reconstruction.png in the run folder)")
-    p.add_argument("--npz", help="also save the raw uint8 samples [N, H, W, C] and labels here (for tools/fid.py)")
-    p.add_argument("--fid", type=int, metavar="N", help="sample N images (an equal number per class for a "
-                   "conditional checkpoint) and score their FID against CIFAR-10 train (tools/fid.py); the "
-                   "number goes to fid-N-steps<S>[-cfg<s>].json beside the checkpoint; the PNG shows the first ones")
-    p.add_argument("--inception", help="--fid: the Inception TorchScript file (else as tools/fid.py finds it)")
-    p.add_argument("--reconstruct", action="store_true", help="masked-reconstruction picture of test images instead")
-    p.add_argument("--data-dir", default="./data", help="--reconstruct and --fid: the dataset folder (default ./data)")
-    p.add_argument("--raw", action="store_true", help="use the raw weights even when the checkpoint has an EMA")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default auto: cuda when available")
-    args = p.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is available; use --device cpu")
+def main(argv=None):
+    from tools.fid import FIDError
+    return command_line("sample.py", lambda: sample(get_args(argv)),
+                        (CheckpointError, DataError, FlagError, FIDError))
+
+
+def sample(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise FlagError("--device cuda but no CUDA device is available; use --device cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     ckpt_path = Path(args.ckpt) if args.ckpt else newest_checkpoint()
-    try:
-        model, ckpt = load_checkpoint(ckpt_path, device, ema=not args.raw)
-    except CheckpointError as e:
-        fail(str(e))
+    model, ckpt = load_checkpoint(ckpt_path, device, ema=not args.raw)
     k = model.num_classes
-    if not 1 <= args.steps <= 1000:
-        fail(f"--steps {args.steps}: use 1..1000 DDIM steps")
-    if args.n < 1 or args.batch_size < 1 or (args.fid is not None and args.fid < 2):
-        fail("--n and --batch-size must be positive, --fid at least 2")
-    if not 0 <= args.eta <= 1:
-        fail(f"--eta {args.eta}: use 0 (deterministic DDIM) .. 1 (the default, as the official sampler)")
-    if k is None and (args.cfg_scale is not None or args.class_label is not None):
-        fail(f"{ckpt_path} is unconditional: --cfg-scale and --class-label need a checkpoint fine-tuned with "
-             "labels (train.py --finetune)")
-    if args.class_label is not None and not 0 <= args.class_label < k:
-        fail(f"--class-label {args.class_label} is out of range: the checkpoint has classes 0..{k - 1}")
-    if args.fid is not None and args.reconstruct:
-        fail("--fid scores samples; drop --reconstruct")
-    if args.fid is not None and k is not None and args.class_label is None and args.fid % k:
-        fail(f"--fid {args.fid}: use a multiple of the {k} classes (an equal number of samples per class)")
+    check(args, k, ckpt_path)
     weights = "EMA" if ckpt.get("ema") is not None and not args.raw else "raw"
-    print(f"checkpoint {ckpt_path} ({weights} weights, step {ckpt.get('step')}, "
-          f"{'conditional' if k else 'unconditional'})", file=sys.stderr)
-    out = Path(args.out) if args.out else ckpt_path.parent / ("reconstruction.png" if args.reconstruct else "samples.png")
+    tqdm.write(f"checkpoint {ckpt_path} ({weights} weights, step {ckpt.get('step')}, "
+               f"{'conditional' if k else 'unconditional'})")
+    name = "reconstruction.png" if args.reconstruct else "samples.png"
+    out = writable(args.out or ckpt_path.parent / name, "--out")  # checked before the work
+    npz = writable(args.npz, "--npz") if args.npz else None
     start = time.time()
 
     if args.reconstruct:
-        train_cfg = ckpt["config"].get("train", {})
-        try:
-            ds = load_dataset(train_cfg.get("dataset", "cifar10"), args.data_dir, model.config["img_size"])
-        except DataError as e:
-            fail(str(e))
-        x0 = to_float(ds.test_x[:min(args.n, 8)].to(device))
-        grid, ncol = reconstruction_rows(model, x0, seed=args.seed)
+        dataset = ckpt["config"].get("train", {}).get("dataset", "cifar10")
+        ds = load_dataset(dataset, args.data_dir, model.config["img_size"])
+        grid, ncol = reconstruction_rows(model, to_float(ds.test_x[:min(args.n, 8)].to(device)),
+                                         seed=args.seed)
         size = save_grid(grid, out, ncol)
-        print(f"wrote {out} ({size[1]}x{size[0]} px): rows of original | masked 75% | reconstruction | "
-              f"(noised + masked 37.5%, x0 prediction) at t = 100, 300, 500, 800")
-        return
+        print(f"wrote {out} ({size[1]}x{size[0]} px): rows of original | masked 75% | "
+              "reconstruction | (noised + masked 37.5%, x0 prediction) at t = 100, 300, 500, 800")
+        return 0
 
-    if args.fid is not None:
-        net, reference = fid_reference(args)
+    if args.fid is not None:  # the network and the reference first: a missing one fails now
+        from tools.fid import fid_reference
+        net, reference = fid_reference(args.inception, args.data_dir, device)
         start = time.time()
     n = args.fid or args.n
     labels = class_labels(model, n, args.class_label)
     n = n if labels is None else len(labels)
-    samples = generate(model, labels, n, args.steps, args.cfg_scale, args.eta, args.seed, args.batch_size)
+    samples = generate(model, labels, n, args.steps, args.cfg_scale, args.eta, args.seed,
+                       args.batch_size)
     seconds = time.time() - start
+    if args.fid is not None:  # the result is printed before any file is written
+        from tools.fid import score_samples
+        value = score_samples(to_uint8(samples), net, reference)
+        print(f"FID-{n} against CIFAR-10 train: {value:.2f} ({time.time() - start:.0f}s in all)")
     # the picture: one row per class (at most 10 of each), or a square of at most 100
     if labels is not None and args.class_label is None:
         per = n // k
@@ -272,16 +259,27 @@ def main():
         shown = samples[:100]
         ncol = max(1, int(len(shown) ** 0.5))
     size = save_grid(shown, out, ncol)
-    if args.npz:
-        with open(args.npz, "wb") as f:  # exactly this name: np.savez would add .npz to one without it
-            np.savez(f, samples=to_uint8(samples), labels=np.array([] if labels is None else labels.numpy()))
+    if npz:  # exactly this name: np.savez would add .npz to one without it
+        save_atomic(lambda f: np.savez(f, samples=to_uint8(samples), labels=np.array(
+            [] if labels is None else labels.numpy())), npz)
     guidance = f", cfg scale {args.cfg_scale:g}" if args.cfg_scale is not None else ""
     print(f"wrote {out} ({size[1]}x{size[0]} px): {n} samples, {args.steps} DDIM steps{guidance}, "
-          f"{seconds:.1f}s" + (f"; raw samples in {args.npz}" if args.npz else ""))
+          f"{seconds:.1f}s" + (f"; raw samples in {npz}" if npz else ""))
     if args.fid is not None:
-        value, path = write_fid(to_uint8(samples), net, reference, args, ckpt_path, ckpt, seconds)
-        print(f"FID-{n} against CIFAR-10 train: {value:.2f} ({path}; {time.time() - start:.0f}s in all)")
+        tags = [args.cfg_scale is not None and f"cfg{args.cfg_scale:g}",
+                args.class_label is not None and f"class{args.class_label}",
+                args.eta != 1 and f"eta{args.eta:g}", args.seed != 0 and f"seed{args.seed}",
+                args.raw and "raw"]  # the settings one varies, so that runs do not overwrite
+        path = ckpt_path.parent / ("-".join([f"fid-{n}-steps{args.steps}", *filter(None, tags)])
+                                   + ".json")
+        save_atomic(json.dumps(dict(
+            fid=value, n=n, reference="cifar10-train", n_reference=reference[2],
+            steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, seed=args.seed,
+            ckpt=str(ckpt_path), ckpt_step=ckpt.get("step"), weights=weights,
+            network_sha256=net.sha256, sampling_seconds=seconds), indent=2) + "\n", path)
+        print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

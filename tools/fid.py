@@ -28,6 +28,7 @@ import shutil
 import sys
 import urllib.request
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import IMAGE_EXTS, DataError, file_digest, load_cifar10  # noqa: E402
-from machinery import save_atomic  # noqa: E402
+from machinery import command_line, save_atomic, writable  # noqa: E402
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_ENV = "UMD_INCEPTION"
@@ -105,7 +106,9 @@ class Inception:
 
     @torch.no_grad()
     def __call__(self, images):
-        """uint8 [N, 3, H, W] -> float64 features [N, 2048]."""
+        """uint8 [N, 3, H, W] -> float64 features [N, 2048], in full float32: TF32 (cuDNN's default
+        on recent GPUs) would move FID away from the reference value."""
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         x = resize_tf1_bilinear(images.to(self.device, torch.float32), 299)
         x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)  # same numbers, faster convolutions
         return self.layers(x).reshape(len(x), -1).double().cpu()
@@ -206,7 +209,7 @@ def read_input(spec, data_dir, limit=None):
         if key is None:
             raise FIDError(f"{p}: an empty .npz; expected images (samples) or statistics (mu, sigma)")
         return "images", as_nchw(data[key], f"{p}[{key}]")[:limit]
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # e.g. a truncated file
         raise FIDError(f"{p} is not a readable .npz / .npy ({type(e).__name__}); pass uint8 images or mu/sigma")
 
 
@@ -270,6 +273,17 @@ def cached_statistics(images, cache, net, batch_size, desc):
     return mu, sigma
 
 
+def checked(mu, sigma, source):
+    """Statistics that can give a distance: mu [d], sigma [d, d], finite; else one line."""
+    mu, sigma = np.asarray(mu), np.asarray(sigma)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise FIDError(f"{source}: statistics of the wrong shape (mu {list(mu.shape)}, sigma "
+                       f"{list(sigma.shape)}); expected mu [d] and sigma [d, d]")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{source}: the statistics hold NaN or inf; compute them again")
+    return mu, sigma
+
+
 def stats_of(spec, data_dir, net, batch_size=50, limit=None):
     """(mu, sigma, n) of one input; n is None for saved statistics. The statistics of a CIFAR-10
     split are cached beside the data (data_dir/fid-stats-<split>.npz)."""
@@ -278,7 +292,7 @@ def stats_of(spec, data_dir, net, batch_size=50, limit=None):
         if value[2] not in (None, net.sha256):
             raise FIDError(f"{spec} holds statistics of another Inception network (sha256 {value[2][:12]}); "
                            "compute them again with this one")
-        return value[0], value[1], None
+        return (*checked(value[0], value[1], spec), None)
     desc = f"Inception features ({Path(spec).name})"
     if spec in CIFAR_SPLITS and limit is None:  # the cache holds whole splits only
         return (*cached_statistics(value, Path(data_dir) / f"fid-stats-{spec}.npz", net, batch_size, desc), len(value))
@@ -292,8 +306,26 @@ def fid_of_images(images, ref, data_dir, net, batch_size=50):
     return frechet_distance(mu1, s1, mu2, s2)
 
 
+def fid_reference(inception, data_dir, device):
+    """(network, CIFAR-10 train statistics (mu, sigma, n)) for sample.py --fid, loaded before
+    sampling so that a missing network or dataset fails at once."""
+    net = Inception(inception, "cuda" if device.type == "cuda" else "cpu")
+    return net, stats_of("cifar10-train", data_dir, net)
+
+
+def score_samples(samples, net, reference):
+    """FID of uint8 samples [N, H, W, C] against reference statistics (mu, sigma, n)."""
+    images = torch.from_numpy(samples).permute(0, 3, 1, 2)
+    mu, sigma = statistics(images, net, desc="Inception features (samples)")
+    return frechet_distance(mu, sigma, reference[0], reference[1])
+
+
 # ---------------------------------------------------------------------------- command line
 def main(argv=None):
+    return command_line("fid.py", lambda: compute(argv), (FIDError, DataError))
+
+
+def compute(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="images (.npz/.npy/folder), statistics (.npz with mu, sigma) or cifar10-train/-test")
     p.add_argument("b", nargs="?", help="the same kinds; omit it with --save-stats to only save A's statistics")
@@ -305,35 +337,34 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default 50)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default auto: cuda when available")
     args = p.parse_args(argv)
-    try:
-        if args.b is None and not args.save_stats:
-            raise FIDError("give two inputs A B (or --save-stats PATH to save A's statistics)")
-        if (args.limit is not None and args.limit < 2) or args.batch_size < 1:
-            raise FIDError("--limit must be at least 2 and --batch-size positive")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise FIDError("--device cuda but no CUDA device is available; use --device cpu")
-        device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
-        net = Inception(args.inception, device)
-        print(f"# Inception: {net.path} (sha256 {net.sha256[:12]}), {device}", file=sys.stderr)
-        mu1, s1, n1 = stats_of(args.a, args.data_dir, net, args.batch_size, args.limit)
-        if args.save_stats:
-            save_stats(args.save_stats, mu1, s1, -1 if n1 is None else n1, net)
-            print(f"wrote the statistics of {args.a} to {args.save_stats}", file=sys.stderr)
-        if args.b is None:
-            return 0
-        mu2, s2, n2 = stats_of(args.b, args.data_dir, net, args.batch_size, args.limit)
-        if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-            raise FIDError(f"the statistics do not match (mu {mu1.shape} and {mu2.shape}, sigma {s1.shape} and {s2.shape})")
-        value = frechet_distance(mu1, s1, mu2, s2)
-    except (FIDError, DataError) as e:
-        print(f"fid.py: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(
+    if args.b is None and not args.save_stats:
+        raise FIDError("give two inputs A B (or --save-stats PATH to save A's statistics)")
+    if (args.limit is not None and args.limit < 2) or args.batch_size < 1:
+        raise FIDError("--limit must be at least 2 and --batch-size positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise FIDError("--device cuda but no CUDA device is available; use --device cpu")
+    # the output paths are checked before hours of features, not after
+    save_stats_path = writable(args.save_stats, "--save-stats") if args.save_stats else None
+    json_path = writable(args.json, "--json") if args.json else None
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    net = Inception(args.inception, device)
+    print(f"# Inception: {net.path} (sha256 {net.sha256[:12]}), {device}", file=sys.stderr)
+    mu1, s1, n1 = stats_of(args.a, args.data_dir, net, args.batch_size, args.limit)
+    if save_stats_path:
+        save_stats(save_stats_path, mu1, s1, -1 if n1 is None else n1, net)
+        print(f"wrote the statistics of {args.a} to {save_stats_path}", file=sys.stderr)
+    if args.b is None:
+        return 0
+    mu2, s2, n2 = stats_of(args.b, args.data_dir, net, args.batch_size, args.limit)
+    if mu1.shape != mu2.shape:
+        raise FIDError(f"the statistics do not match (mu {mu1.shape} and {mu2.shape})")
+    value = frechet_distance(mu1, s1, mu2, s2)
+    print(f"FID: {value:.4f}")  # the result first: a file that cannot be written never loses it
+    if json_path:
+        save_atomic(json.dumps(dict(
             fid=value, a=args.a, b=args.b, n_a=n1, n_b=n2, limit=args.limit, network=str(net.path),
             network_sha256=net.sha256, resize="tf1-bilinear-299", scipy=importlib.util.find_spec("scipy") is not None),
-            indent=2) + "\n")
-    print(f"FID: {value:.4f}")
+            indent=2) + "\n", json_path)
     return 0
 
 
