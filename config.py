@@ -112,6 +112,9 @@ def resolve(args):
         if s.model or s.patch_size:
             raise ConfigError("--model and --patch-size come from the --finetune checkpoint; drop them")
         pre = read_checkpoint(s.finetune)["config"]
+        if pre["model"].get("num_classes") is not None:  # its label embedding would be replaced
+            raise ConfigError(f"--finetune {s.finetune} is already fine-tuned with labels; "
+                              "pass the pre-trained checkpoint it came from")
         s.method = s.method or pre.get("train", {}).get("method", "umd")
         s.model, s.patch_size = pre["model"]["size"], pre["model"]["patch_size"]
     s.method = s.method or "umd"

@@ -22,8 +22,8 @@ from tqdm import tqdm
 from config import NOISY_READOUT_T, ConfigError, get_args, resolve
 from corruption import cosine_alphas_cumprod, umd_loss
 from data import Batches, DataError, Stream, derive_seed, load_dataset_once, to_float
-from machinery import (CheckpointError, Run, TrainError, check_same_data, checkpoint, claim,
-                       noise_free_share, os_error_line, read_checkpoint, setup_device, wrap)
+from machinery import (CheckpointError, FlagError, Run, TrainError, check_same_data, checkpoint,
+                       claim, command_line, noise_free_share, read_checkpoint, setup_device, wrap)
 from model import UMDModel, no_decay
 from probe import QuickProbe
 from sample import reconstruction_rows, save_grid
@@ -196,17 +196,9 @@ def train(args):
 
 
 def main(argv=None):
+    errors = (DataError, CheckpointError, ConfigError, TrainError, FlagError)
     try:
-        code = train(get_args(argv))
-    except (DataError, CheckpointError, ConfigError, TrainError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        code = 2
-    except OSError as e:  # a full disk, a read-only or missing folder: no partial file is left
-        print(f"train.py: error: {os_error_line(e)}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:  # Ctrl-C outside the loop, which handles its own
-        print("train.py: interrupted; the last checkpoint on disk, if any, is kept", file=sys.stderr)
-        code = 130
+        code = command_line("train.py", lambda: train(get_args(argv)), errors)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
