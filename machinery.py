@@ -371,3 +371,32 @@ def check_same_data(resumed, data, path):
                          if saved.get(k) != data.get(k))
         raise TrainError(f"--resume: the data differ from the run's ({diff}); pass the run's "
                          f"--data-dir or start a new run ({path})")
+
+
+_COMPILE_CHECKED = set()  # (device type, backend) pairs that passed compile_preflight
+
+
+def compile_preflight(device, backend="inductor"):
+    """Before the first step: torch.compile a tiny network on `device`, forward and backward.
+    Where the compiler stack cannot work (no Triton, no C compiler, a broken CUDA toolchain) the
+    first training step would end in a long BackendCompilerFailed traceback; this stops first,
+    with one line that names --no-compile. Once per process, device type and backend."""
+    if (device.type, backend) in _COMPILE_CHECKED:
+        return
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1)).to(device)
+    try:
+        loss = torch.compile(net, backend=backend, dynamic=False, fullgraph=True)(
+            torch.randn(8, 16, device=device)).square().mean()
+        loss.backward()
+        if not torch.isfinite(loss).item():
+            raise RuntimeError("a non-finite result from a finite input")
+    except Exception as e:  # the innermost cause says what is missing
+        for _ in range(8):
+            inner = getattr(e, "inner_exception", None) or e.__cause__
+            if not isinstance(inner, Exception):
+                break
+            e = inner
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:240]
+        raise TrainError(f"torch.compile does not work on this machine ({type(e).__name__}: {reason}); "
+                         "pass --no-compile to train without it") from None
+    _COMPILE_CHECKED.add((device.type, backend))

@@ -120,6 +120,9 @@ def train(args):
     n0 = noise_free_share(args.batch_size, args.r_t0, rank, world)  # this rank's noise-free images
     unused = noise_free_share(args.batch_size, args.r_t0, world - 1, world) == 0 and args.mask_ratio == 0
     net = wrap(model, device, world, use_compile, unused)
+    if use_compile and device.type == "cuda":  # no Triton or C compiler: one line, no traceback
+        from machinery import compile_preflight
+        compile_preflight(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # loss scaling, fp16 only
     if resumed and resumed.get("scaler"):
         scaler.load_state_dict(resumed["scaler"])
