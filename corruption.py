@@ -5,8 +5,8 @@ Every batch is split, deterministically, into two groups that share one network:
   * the last n0 = int(B * r_t0) images take the NOISE-FREE, HIGH-MASK step (MAE):
     time input 0, no noise, mask_ratio_t0 (75%) of the patches dropped; the loss L0 is the
     pixel MSE of the x0 prediction on the masked patches.
-  * the other B - n0 images take the MIXED step (masked DiT): t ~ U{0..T-1}, the whole
-    image noised to x_t, then mask_ratio (37.5%) of its patches dropped, time input t + 1;
+  * the other B - n0 images take the MIXED step (masked DiT): t ~ U{0..T-1} (T = 1000), the
+    whole image noised to x_t, then mask_ratio (37.5%) of its patches dropped, time input t + 1;
     the loss is Lt = 0.5 * (eps MSE on the visible patches + x0 MSE on the masked ones).
 
   L = (n0 / B) * L0 + (1 - n0 / B) * Lt  ~  r_t0 * L0 + (1 - r_t0) * Lt
@@ -29,7 +29,7 @@ from model import CLEAN, time_input
 
 
 def cosine_alphas_cumprod(T=1000, max_beta=0.999):
-    """abar[t] for t = 0..T-1 of the cosine schedule, float64."""
+    """abar[t] for t = 0..T-1 of the cosine schedule (betas clipped at max_beta), float64."""
     f = lambda s: math.cos((s / T + 0.008) / 1.008 * math.pi / 2) ** 2
     betas = [min(1 - f(t + 1) / f(t), max_beta) for t in range(T)]
     return torch.cumprod(1 - torch.tensor(betas, dtype=torch.float64), dim=0)
@@ -46,8 +46,8 @@ def random_masking(batch_size, num_patches, mask_ratio, device=None, generator=N
     number in every row (static shapes). Returns ids_keep [B, n_keep], mask [B, L] (1 = dropped,
     in patch order) and ids_restore [B, L], which undoes the shuffle in the decoder."""
     n_keep = int(num_patches * (1 - mask_ratio))
-    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
-    ids_shuffle = noise.argsort(dim=1)        # ascending noise: the first n_keep are kept
+    scores = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    ids_shuffle = scores.argsort(dim=1)       # ascending scores: the first n_keep are kept
     ids_restore = ids_shuffle.argsort(dim=1)  # where patch i sits in the shuffled order
     mask = (ids_restore >= n_keep).float()    # so patch i is dropped when it sits past n_keep
     return ids_shuffle[:, :n_keep], mask, ids_restore
