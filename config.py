@@ -24,44 +24,44 @@ METHODS = {
     "dit": dict(r_t0=0.0, mask_ratio_t0=0.75, mask_ratio=0.0),
     "maskdit": dict(r_t0=0.0, mask_ratio_t0=0.75, mask_ratio=0.5),
 }
-# The fine-tune keeps a small noise-free share for the methods that have one and masks nothing
-# (small-vision's README, fine-tuning commands: no_noise_prob 0.05 or 0, mask_ratio 0).
-FINETUNE_METHODS = {m: dict(r_t0=0.05 if s["r_t0"] > 0 else 0.0, mask_ratio=0.0) for m, s in METHODS.items()}
-# dit and maskdit never see a clean image: the official code reads their features of x_t at t = 50.
+# The fine-tune: 5% on the masked noise-free step where the method has one; noisy images unmasked.
+FINETUNE_METHODS = {m: dict(r_t0=0.05 if s["r_t0"] > 0 else 0.0, mask_ratio=0.0)
+                    for m, s in METHODS.items()}
+# dit and maskdit never see a clean image: probes read their features of x_t at t = 50.
 NOISY_READOUT_T = 50
 
 # Every other default, in one place; the --help text is made from this table. Columns:
-#   gpu           the official pre-training hyper-parameters (configs/ae_i1k.py), on CIFAR-10 at small/2,
-#                 the paper's 16x16 grid of tokens
-#   cpu           beats the raw-pixel linear and ridge probes in about 33 minutes on 2 cores (README "Quick start")
-#   finetune-gpu  the official class-conditional fine-tune (README of small-vision)
-#   finetune-cpu  about 10 minutes of it on 2 cores, enough to see guidance at work; its EMA is
-#                 shorter, since a 1e-4 step would leave it at the pre-trained weights
-# -: model and patch size come from the pre-trained checkpoint; the official fine-tune EMA decay
-# is 1 - 1e-4 * batch_size / 256, with no warm-up.
+#   gpu           the official pre-training recipe, on CIFAR-10 at small/2 (a 16x16 token grid)
+#   cpu           beats the raw-pixel probes in about 33 minutes on 2 cores (README "Quick start")
+#   finetune-gpu  the official class-conditional fine-tune
+#   finetune-cpu  about 10 minutes of it on 2 cores, enough to see guidance at work
+# -: model and patch size come from the pre-trained checkpoint; the EMA decay is the official
+# fine-tune's 1 - 1e-4 * batch_size / 256 (README "Where we follow the official code").
 COLUMNS = ("gpu", "cpu", "finetune-gpu", "finetune-cpu")
 RECIPES = dict(
-    model=        ("small", "tiny", None,  None,   "network size (model.py SIZES; -: the checkpoint's)"),
+    model=        ("small", "tiny", None,  None,   "network size (-: the checkpoint's)"),
     patch_size=   (2,      4,      None,   None,   "patch size in pixels (-: the checkpoint's)"),
     epochs=       (800.0,  2.5,    50.0,   0.6,    "length of the schedule in epochs"),
     batch_size=   (1024,   128,    256,    128,    "global batch size (all processes)"),
-    lr=           (1.5e-4, 1e-3,   1.5e-4, 5e-4,   "learning rate per 256 images: the peak is lr * batch_size / 256"),
-    warmup=       (0.05,   0.05,   0.04,   0.04,   "linear warm-up, as a fraction of the schedule; then cosine to 0"),
+    lr=           (1.5e-4, 1e-3,   1.5e-4, 5e-4,   "lr per 256 images: peak lr * batch_size / 256"),
+    warmup=       (0.05,   0.05,   0.04,   0.04,   "linear warm-up fraction, then cosine to 0"),
     beta2=        (0.95,   0.95,   0.999,  0.999,  "AdamW beta2 (beta1 0.9)"),
-    weight_decay= (0.05,   0.05,   0.0,    0.0,    "AdamW weight decay (none on biases, class tokens and mask token)"),
-    min_area=     (0.8,    0.8,    0.95,   0.95,   "random-resized crop: smallest fraction of the area kept"),
-    label_dropout=(0.0,    0.0,    0.1,    0.1,    "labels replaced by the null class, for classifier-free guidance"),
-    ema_decay=    (0.9999, 0.9999, None,   0.99,   "EMA of the weights: decay (-: 1 - 1e-4 * batch_size / 256)"),
-    ema_warmup=   (True,   True,   False,  False,  "warm the EMA up as min(decay, (1 + step) / (10 + step))"),
+    weight_decay= (0.05,   0.05,   0.0,    0.0,    "weight decay (0 on biases, cls/mask tokens)"),
+    min_area=     (0.8,    0.8,    0.95,   0.95,   "random-resized crop: smallest area fraction"),
+    label_dropout=(0.0,    0.0,    0.1,    0.1,    "labels replaced by the null class (for CFG)"),
+    ema_decay=    (0.9999, 0.9999, None,   0.99,   "EMA decay (-: 1 - 1e-4 * batch_size / 256)"),
+    ema_warmup=   (True,   True,   False,  False,  "EMA warm-up: min(decay, (1+step)/(10+step))"),
     grad_clip=    (1.0,    1.0,    1.0,    1.0,    "gradient norm clip"),
-    probe_every=  (10.0,   0.5,    10.0,   0.0,    "epochs between in-training few-shot ridge probes (0 = off)"),
+    probe_every=  (10.0,   0.5,    10.0,   0.0,    "epochs between in-training probes (0 = off)"),
     log_every=    (50,     20,     50,     20,     "steps between log lines"),
 )
 # The same in every recipe.
-RUN_DEFAULTS = dict(dataset="cifar10", data_dir="./data", img_size=32, seed=0, ckpt_minutes=10.0, device="auto")
-# Flags that may change on --resume (they do not change what is computed); the others come from
-# the saved run. max_steps is a stop, not a setting: a resumed run without it runs to the end.
-RUNTIME_FLAGS = ("max_steps", "log_every", "device", "compile", "amp", "probe_every", "ckpt_minutes", "data_dir")
+RUN_DEFAULTS = dict(dataset="cifar10", data_dir="./data", img_size=32, seed=0, ckpt_minutes=10.0,
+                    device="auto")
+# Flags a resumed run may change (they do not change what is computed). max_steps is a stop, not
+# a setting: a resumed run without it runs to the end.
+RUNTIME_FLAGS = ("max_steps", "log_every", "device", "compile", "amp", "probe_every",
+                 "ckpt_minutes", "data_dir")
 
 
 class ConfigError(Exception):
@@ -70,34 +70,47 @@ class ConfigError(Exception):
 
 def get_args(argv=None):
     """Every flag defaults to None, so that resolve() knows which ones the user gave."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     d = {k: f" (default {v})" for k, v in RUN_DEFAULTS.items()}
-    a("--dataset", choices=["cifar10", "folder"], help="cifar10, or folder: --data-dir/<class>/<image>" + d["dataset"])
+    a("--dataset", choices=["cifar10", "folder"],
+      help="cifar10, or folder: --data-dir/<class>/<image>" + d["dataset"])
     a("--data-dir", help="where cifar-10-batches-py lives or is downloaded" + d["data_dir"])
     a("--img-size", type=int, help="image size for --dataset folder" + d["img_size"])
-    a("--method", choices=list(METHODS), help="loss preset (default umd; on --finetune, the checkpoint's)")
+    a("--method", choices=list(METHODS),
+      help="loss preset (default umd; on --finetune, the checkpoint's)")
     a("--recipe", choices=["auto", "gpu", "cpu"],
-      help="the column of defaults for flags not given; auto (default): gpu with CUDA, else cpu")
-    a("--r-t0", type=float, help="share of each batch on the noise-free step (from --method; umd 0.5)")
-    a("--mask-ratio-t0", type=float, help="patches dropped on the noise-free step (from --method; 0.75)")
-    a("--mask-ratio", type=float, help="patches dropped on noisy steps (from --method; umd 0.375)")
+      help="the column of defaults for flags not given; "
+           "auto (default): gpu with CUDA, else cpu")
+    a("--r-t0", type=float,
+      help="share of each batch on the noise-free step (from --method; umd 0.5)")
+    a("--mask-ratio-t0", type=float,
+      help="patches dropped on the noise-free step (from --method; 0.75)")
+    a("--mask-ratio", type=float,
+      help="patches dropped on noisy steps (from --method; umd 0.375)")
     for key, (*values, what) in RECIPES.items():
         kind = argparse.BooleanOptionalAction if isinstance(values[0], bool) else None
         typ = None if kind else str if isinstance(values[0], str) else type(values[0])
         choices = list(SIZES) if key == "model" else None
         shown = "; ".join(f"{c} {'-' if v is None else format(v, 'g') if type(v) is float else v}"
                           for c, v in zip(COLUMNS, values))
-        a(f"--{key.replace('_', '-')}", type=typ, action=kind, choices=choices, help=f"{what} ({shown})".replace("%", "%%"))
-    a("--max-steps", type=int, help="stop after global step N (the schedule still follows --epochs)")
-    a("--finetune", metavar="CKPT", help="class-conditional fine-tune from this pre-trained checkpoint")
+        a(f"--{key.replace('_', '-')}", type=typ, action=kind, choices=choices,
+          help=f"{what} ({shown})".replace("%", "%%"))
+    a("--max-steps", type=int,
+      help="stop after global step N (the schedule still follows --epochs)")
+    a("--finetune", metavar="CKPT",
+      help="class-conditional fine-tune from this pre-trained checkpoint")
     a("--out", help="run directory (default runs/<method>-<model>-p<patch>[-ft])")
     a("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    a("--seed", type=int, help="fixes init, data order, augmentation, masks, noise and t" + d["seed"])
+    a("--seed", type=int,
+      help="fixes init, data order, augmentation, masks, noise and t" + d["seed"])
     a("--ckpt-minutes", type=float, help="minutes between checkpoints" + d["ckpt_minutes"])
     a("--device", choices=["auto", "cuda", "cpu"], help="auto: cuda when available" + d["device"])
-    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on with CUDA)")
-    a("--amp", choices=["bf16", "fp16", "off"], help="autocast (default bf16 on CUDA, off on the CPU)")
+    a("--compile", action=argparse.BooleanOptionalAction,
+      help="torch.compile (default: on with CUDA)")
+    a("--amp", choices=["bf16", "fp16", "off"],
+      help="autocast (default bf16 on CUDA, off on the CPU)")
     return p.parse_args(argv)
 
 
@@ -110,7 +123,8 @@ def resolve(args):
     s = argparse.Namespace(**vars(args))
     if s.finetune:
         if s.model or s.patch_size:
-            raise ConfigError("--model and --patch-size come from the --finetune checkpoint; drop them")
+            raise ConfigError("--model and --patch-size come from the --finetune checkpoint; "
+                              "drop them")
         pre = read_checkpoint(s.finetune)["config"]
         if pre["model"].get("num_classes") is not None:  # its label embedding would be replaced
             raise ConfigError(f"--finetune {s.finetune} is already fine-tuned with labels; "
@@ -130,9 +144,11 @@ def resolve(args):
     for key, value in RUN_DEFAULTS.items():
         if getattr(s, key) is None:
             setattr(s, key, value)
-    s.out = s.out or str(Path("runs") / (f"{s.method}-{s.model}-p{s.patch_size}" + ("-ft" if s.finetune else "")))
+    s.out = s.out or str(Path("runs") / (f"{s.method}-{s.model}-p{s.patch_size}"
+                                         + ("-ft" if s.finetune else "")))
     if (Path(s.out) / "ckpt.pt").exists():
-        raise ConfigError(f"{s.out} already holds a run; pass --resume to continue it or --out for a new one")
+        raise ConfigError(f"{s.out} already holds a run; "
+                          "pass --resume to continue it or --out for a new one")
     check(s)
     return s
 
@@ -143,15 +159,19 @@ def resume_settings(args, given):
         raise ConfigError("--resume needs --out, the run directory to continue")
     out = Path(args.out)
     if not (out / "ckpt.pt").exists():
-        raise ConfigError(f"--resume: no checkpoint at {out / 'ckpt.pt'}; start the run without --resume")
+        raise ConfigError(f"--resume: no checkpoint at {out / 'ckpt.pt'}; "
+                          "start the run without --resume")
     saved = read_checkpoint(out / "ckpt.pt")["config"].get("train")
     if not isinstance(saved, dict) or not set(RECIPES) <= set(saved):
-        raise CheckpointError(f"{out / 'ckpt.pt'} holds no training settings of this train.py; start a new run")
+        raise CheckpointError(f"{out / 'ckpt.pt'} holds no training settings of this train.py; "
+                              "start a new run")
     changed = [k for k, v in given.items()
-               if k not in RUNTIME_FLAGS and k != "out" and v != saved.get(k) and not (k == "recipe" and v == "auto")]
+               if k not in RUNTIME_FLAGS and k != "out" and v != saved.get(k)
+               and not (k == "recipe" and v == "auto")]
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise ConfigError(f"{flags} cannot change on --resume (a resumed run keeps its settings); drop them or start a new run")
+        raise ConfigError(f"{flags} cannot change on --resume (a resumed run keeps its settings); "
+                          "drop them or start a new run")
     s = argparse.Namespace(**{**saved, "max_steps": None, **given, "out": str(out), "resume": True})
     check(s)
     return s
@@ -165,14 +185,19 @@ def check(s):
     if not 0 <= s.r_t0 <= 1 or not 0 <= s.mask_ratio < 1 or not 0 <= s.mask_ratio_t0 < 1:
         raise ConfigError("--r-t0 must be in [0, 1] and the mask ratios in [0, 1)")
     if s.r_t0 > 0 and s.mask_ratio_t0 == 0:
-        raise ConfigError("the noise-free step (--r-t0 > 0) needs --mask-ratio-t0 > 0: it predicts masked patches")
+        raise ConfigError("the noise-free step (--r-t0 > 0) needs --mask-ratio-t0 > 0: "
+                          "it predicts masked patches")
     if s.epochs <= 0 or s.batch_size <= 0 or s.lr <= 0 or s.log_every <= 0:
         raise ConfigError("--epochs, --batch-size, --lr and --log-every must be positive")
-    if not 0 <= s.warmup <= 1 or not 0 <= s.ema_decay < 1 or not 0 <= s.label_dropout <= 1 or not 0 < s.min_area <= 1:
-        raise ConfigError("--warmup, --ema-decay and --label-dropout must be in [0, 1] (decay < 1), --min-area in (0, 1]")
+    if (not 0 <= s.warmup <= 1 or not 0 <= s.ema_decay < 1 or not 0 <= s.label_dropout <= 1
+            or not 0 < s.min_area <= 1):
+        raise ConfigError("--warmup, --ema-decay and --label-dropout must be in [0, 1] "
+                          "(decay < 1), --min-area in (0, 1]")
     if not 0 <= s.beta2 < 1 or s.weight_decay < 0 or s.grad_clip <= 0 or s.img_size < 1:
-        raise ConfigError("--beta2 must be in [0, 1), --weight-decay >= 0, --grad-clip and --img-size positive")
+        raise ConfigError("--beta2 must be in [0, 1), --weight-decay >= 0, "
+                          "--grad-clip and --img-size positive")
     if s.max_steps is not None and s.max_steps < 1:
         raise ConfigError("--max-steps must be at least 1")
     if s.patch_size < 1 or s.img_size % s.patch_size:
-        raise ConfigError(f"--patch-size {s.patch_size} must divide the image size {s.img_size} (e.g. 2, 4, 8)")
+        raise ConfigError(f"--patch-size {s.patch_size} must divide the image size {s.img_size} "
+                          "(e.g. 2, 4, 8)")

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -46,15 +47,15 @@ class Stream:
     """The random streams derived from one --seed: derive_seed(seed, Stream.X, ...) gives each
     purpose its own generator, so changing one (say, a probe) never shifts another (training)."""
     DATA_ORDER = 0    # the permutation of each epoch (Batches)
-    STEP = 1          # a training step's augmentation, t, noise, masks and label dropout (train.py)
+    STEP = 1          # a training step's augmentation, t, noise, masks, label dropout (train.py)
     PROBE_NOISE = 2   # the noise of features read at t > 0 (probe.py)
     FEWSHOT = 3       # which training images a few-shot probe uses (probe.py)
     LINEAR_PROBE = 4  # the linear probe's initialisation and batch order (probe.py)
-    INIT = 6          # the network's initialisation (train.py); 5 is retired: old seeds keep their runs
+    INIT = 6          # the network's initialisation (train.py); 5 stays unused
 
 
 def derive_seed(*parts):
-    """A 63-bit seed from integers (seed, Stream.X, step, ...): independent streams, no collisions."""
+    """A 63-bit seed from integers (seed, Stream.X, step, ...): one independent stream each."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
@@ -66,7 +67,8 @@ def to_float(x):
 def load_dataset(name, data_dir, img_size=32, download=True):
     if name == "cifar10":
         if img_size != 32:
-            raise DataError(f"CIFAR-10 images are 32x32, the model expects {img_size}; drop --img-size")
+            raise DataError(f"CIFAR-10 images are 32x32, the model expects {img_size}; "
+                            "drop --img-size")
         return load_cifar10(data_dir, download)
     if name == "folder":
         return load_image_folder(data_dir, img_size)
@@ -103,15 +105,17 @@ def load_cifar10(data_dir, download=True):
             _download(CIFAR_URL, archive)
         digest = file_digest(archive)
         if digest != CIFAR_MD5:
-            raise DataError(f"{archive} is corrupt (MD5 {digest}, expected {CIFAR_MD5}); delete it and run again")
+            raise DataError(f"{archive} is corrupt (MD5 {digest}, expected {CIFAR_MD5}); "
+                            "delete it and run again")
         with tarfile.open(archive) as tar:
-            # the "data" filter refuses links and paths outside data_dir; Python releases before
-            # 3.12 (and 3.11.4, 3.10.12) do not have it, and get the plain extraction
-            tar.extractall(data_dir, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+            # the "data" filter (where Python has it) refuses links and paths outside data_dir
+            tar.extractall(data_dir,
+                           **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     parts = [_read_batch(root / f"data_batch_{i}") for i in range(1, 6)]
     test_x, test_y = _read_batch(root / "test_batch")
     if len({len(p[1]) for p in parts}) != 1:  # the official batches hold 10,000 images each
-        raise DataError(f"the training batches in {root} differ in size ({[len(p[1]) for p in parts]}); "
+        raise DataError(f"the training batches in {root} differ in size "
+                        f"({[len(p[1]) for p in parts]}); "
                         "delete the folder and run again to re-download")
     train_x, train_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return Dataset(train_x, train_y, test_x, test_y, CIFAR_CLASSES)
@@ -128,8 +132,10 @@ def _read_batch(path):
         x, y = np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:
         raise DataError(f"{path} is not a CIFAR-10 batch ({type(e).__name__}); {hint}")
-    if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y) or len(y) == 0 or y.min() < 0 or y.max() > 9:
-        raise DataError(f"{path} has the wrong shape or labels (data {x.shape}, labels 0..9 expected); {hint}")
+    if (x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y) or len(y) == 0 or y.min() < 0
+            or y.max() > 9):
+        raise DataError(f"{path} has the wrong shape or labels "
+                        f"(data {x.shape}, labels 0..9 expected); {hint}")
     return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(y)
 
 
@@ -138,16 +144,16 @@ def _download(url, dest):
     tmp = dest.with_name(dest.name + ".part")
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            with tqdm(total=int(r.headers.get("Content-Length", 0)) or None, unit="B", unit_scale=True,
-                      desc=f"downloading {dest.name}") as bar:
+            with tqdm(total=int(r.headers.get("Content-Length", 0)) or None, unit="B",
+                      unit_scale=True, desc=f"downloading {dest.name}") as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
     except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
         tmp.unlink(missing_ok=True)
-        raise DataError(f"CIFAR-10 not found in {dest.parent} and the download failed ({e}); put {dest.name} "
-                        f"from {url} in {dest.parent}/ (or its unpacked folder at {dest.parent / 'cifar-10-batches-py'}), "
-                        "or pass --data-dir")
+        raise DataError(f"CIFAR-10 not found in {dest.parent} and the download failed ({e}); "
+                        f"put {dest.name} from {url} in {dest.parent}/ (or its unpacked folder "
+                        f"at {dest.parent / 'cifar-10-batches-py'}), or pass --data-dir")
     os.replace(tmp, dest)
 
 
@@ -168,18 +174,22 @@ def load_image_folder(root, img_size, test_fraction=0.1):
 
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist; pass --data-dir with one subfolder per class")
+        raise DataError(f"image folder {root} does not exist; "
+                        "pass --data-dir with one subfolder per class")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_EXTS]
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir())
+             if f.suffix.lower() in IMAGE_EXTS]
     if not files:
-        raise DataError(f"no images found in subfolders of {root}; expected {root}/<class>/<image>.png")
+        raise DataError(f"no images found in subfolders of {root}; "
+                        f"expected {root}/<class>/<image>.png")
     xs = []
     for f, _ in tqdm(files, desc=f"reading {root}", disable=len(files) < 1000):
         try:
             with Image.open(f) as im:
                 im = im.convert("RGB")
                 s = img_size / min(im.size)
-                im = im.resize((max(img_size, round(im.width * s)), max(img_size, round(im.height * s))), Image.BICUBIC)
+                im = im.resize((max(img_size, round(im.width * s)),
+                                max(img_size, round(im.height * s))), Image.BICUBIC)
                 l, t = (im.width - img_size) // 2, (im.height - img_size) // 2
                 xs.append(np.asarray(im.crop((l, t, l + img_size, t + img_size))))
         except (OSError, Image.DecompressionBombError) as e:  # damaged, or absurdly large
@@ -210,9 +220,11 @@ class Batches:
         if batch_size % world:
             raise DataError(f"--batch-size {batch_size} is not divisible by the {world} processes")
         if len(images) < batch_size:
-            raise DataError(f"--batch-size {batch_size} is larger than the {len(images)} training images")
+            raise DataError(f"--batch-size {batch_size} is larger than the {len(images)} "
+                            "training images")
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.seed, self.min_area, self.rank, self.world = batch_size, seed, min_area, rank, world
+        self.batch_size, self.seed, self.min_area, self.rank, self.world = (
+            batch_size, seed, min_area, rank, world)
         self.steps_per_epoch = len(images) // batch_size  # the last partial batch is dropped
         self._epoch, self._perm = None, None
 
@@ -221,7 +233,8 @@ class Batches:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(derive_seed(self.seed, Stream.DATA_ORDER, epoch))
-            self._epoch, self._perm = epoch, torch.randperm(len(self.images), generator=g).to(self.images.device)
+            self._epoch, self._perm = (
+                epoch, torch.randperm(len(self.images), generator=g).to(self.images.device))
         b = self.batch_size // self.world
         idx = self._perm[i * self.batch_size + self.rank * b:][:b]
         return augment(to_float(self.images[idx]), self.min_area, generator), self.labels[idx]
@@ -237,7 +250,7 @@ def augment(x, min_area, generator=None):
     lo, hi = area.log().clamp(min=math.log(3 / 4)), (-area.log()).clamp(max=math.log(4 / 3))
     r = (lo + (hi - lo) * u[:, 1]).exp()
     w, h = (area * r).sqrt(), (area / r).sqrt()  # crop width and height as fractions of the image
-    cx, cy = (1 - w) * (2 * u[:, 2] - 1), (1 - h) * (2 * u[:, 3] - 1)  # centre in [-1, 1] coordinates
+    cx, cy = (1 - w) * (2 * u[:, 2] - 1), (1 - h) * (2 * u[:, 3] - 1)  # centre, in [-1, 1]
     flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
     theta = torch.zeros(B, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy

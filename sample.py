@@ -4,7 +4,7 @@ fine-tune), their FID, and masked-reconstruction pictures.
     python sample.py                                          # newest runs/*/ckpt.pt, 64 samples
     python sample.py --ckpt runs/umd-small-p2-ft/ckpt.pt --cfg-scale 2   # one row per class
     python sample.py --ckpt runs/umd-small-p2-ft/ckpt.pt --cfg-scale 2 --fid 10000   # FID-10k
-    python sample.py --reconstruct                            # masked / noised inputs and predictions
+    python sample.py --reconstruct                            # masked / noised inputs, predictions
 
 References:
   DDIM: Song et al., arXiv 2010.02502; classifier-free guidance: Ho & Salimans, arXiv 2207.12598
@@ -55,12 +55,14 @@ def guided(model, x, t, y=None, cfg_scale=None):
     if cfg_scale is None or y is None:
         return model(x, time_in, y)
     null = torch.full_like(y, model.num_classes)
-    cond, uncond = model(torch.cat([x, x]), torch.cat([time_in, time_in]), torch.cat([y, null])).chunk(2)
+    cond, uncond = model(torch.cat([x, x]), torch.cat([time_in, time_in]),
+                         torch.cat([y, null])).chunk(2)
     return uncond + cfg_scale * (cond - uncond)
 
 
 @torch.no_grad()
-def ddim_sample(model, shape, steps=125, y=None, cfg_scale=None, eta=1.0, generator=None, progress=False):
+def ddim_sample(model, shape, steps=125, y=None, cfg_scale=None, eta=1.0, generator=None,
+                progress=False):
     """Samples in [-1, 1]: DDIM with eta (1.0 by default) over `steps` strided steps, eps head;
     the image is the x0 implied by the eps head at a final call at t = 0 (the official sampler)."""
     dev = next(model.parameters()).device if isinstance(model, torch.nn.Module) else None
@@ -68,9 +70,11 @@ def ddim_sample(model, shape, steps=125, y=None, cfg_scale=None, eta=1.0, genera
     C = shape[1]
     x = torch.randn(shape, device=dev, generator=generator)
     ts = ddim_timesteps(steps)
-    for t, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=not progress, leave=False):
+    for t, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=not progress,
+                          leave=False):
         eps = guided(model, x, t, y, cfg_scale)[:, C:].float()
-        x, _ = ddim_step(x, eps, abar[t], abar[t_next], eta, torch.randn(shape, device=dev, generator=generator))
+        x, _ = ddim_step(x, eps, abar[t], abar[t_next], eta,
+                         torch.randn(shape, device=dev, generator=generator))
     eps = guided(model, x, 0, y, cfg_scale)[:, C:].float()
     return ddim_step(x, eps, abar[0], 1.0, eta)[1]
 
@@ -89,7 +93,8 @@ def save_grid(images, path, ncol, pad=2):
     grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
     for i, im in enumerate(imgs):
         r, k = divmod(i, ncol)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = im
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+             pad + k * (w + pad):pad + k * (w + pad) + w] = im
     image = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
     save_atomic(lambda f: image.save(f, format="PNG"), writable(path))
     return grid.shape
@@ -97,16 +102,15 @@ def save_grid(images, path, ncol, pad=2):
 
 @torch.no_grad()
 def reconstruction_rows(model, x0, ts=(100, 300, 500, 800), seed=0):
-    """Per image, at UMD's mask ratios: original | masked input (75%, clean: time input CLEAN) |
-    reconstruction, then for each t: noised + masked input (37.5%) | x0 prediction. Predictions keep the visible pixels of the
-    input on the noise-free step; on noisy steps visible patches come from the eps head
-    (x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)) and masked ones from the x0 head, the heads
-    each region was trained with."""
+    """Per image, at UMD's mask ratios: original | masked input (75%, clean) | reconstruction,
+    then for each t: noised + masked input (37.5%) | x0 prediction. Visible pixels come from the
+    input on the clean step and from the eps head on noisy steps; masked ones from the x0 head."""
     g = torch.Generator(x0.device).manual_seed(seed)
     B, C, p, L = x0.shape[0], x0.shape[1], model.patch_size, model.num_patches
-    pix = lambda m: unpatchify(m[:, :, None].expand(-1, -1, p * p * C), p, C)  # [B, L] -> pixel mask
+    pix = lambda m: unpatchify(m[:, :, None].expand(-1, -1, p * p * C), p, C)  # [B, L] -> pixels
     ids_keep, mask, ids_restore = random_masking(B, L, 0.75, x0.device, g)
-    out = model(x0, torch.full((B,), CLEAN, device=x0.device), ids_keep=ids_keep, ids_restore=ids_restore)[:, :C]
+    out = model(x0, torch.full((B,), CLEAN, device=x0.device), ids_keep=ids_keep,
+                ids_restore=ids_restore)[:, :C]
     m = pix(mask)
     cols = [x0, x0 * (1 - m), x0 * (1 - m) + out * m]
     abar = cosine_alphas_cumprod().to(x0.device)
@@ -133,7 +137,8 @@ def class_labels(model, n, class_label=None):
     return torch.arange(model.num_classes).repeat_interleave(max(1, n // model.num_classes))
 
 
-def generate(model, labels, n, steps=125, cfg_scale=None, eta=1.0, seed=0, batch_size=256, desc="sampling"):
+def generate(model, labels, n, steps=125, cfg_scale=None, eta=1.0, seed=0, batch_size=256,
+             desc="sampling"):
     """n samples in [-1, 1] (float, on the CPU), batch by batch, with one progress bar over all of
     them. One generator, seeded once: the seed and the batch size fix every sample."""
     dev = next(model.parameters()).device
@@ -145,7 +150,8 @@ def generate(model, labels, n, steps=125, cfg_scale=None, eta=1.0, seed=0, batch
             b = min(batch_size, n - s)
             y = None if labels is None else labels[s:s + b].to(dev)
             with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-                chunks.append(ddim_sample(model, (b, C, S, S), steps, y, cfg_scale, eta, g, progress=n <= batch_size).cpu())
+                chunks.append(ddim_sample(model, (b, C, S, S), steps, y, cfg_scale, eta, g,
+                                          progress=n <= batch_size).cpu())
             bar.update(b)
     return torch.cat(chunks)
 
@@ -161,10 +167,12 @@ def get_args(argv=None):
     a("--eta", type=float, default=1.0, help="DDIM eta (default 1.0, as the official sampler)")
     a("--cfg-scale", type=float, help="classifier-free guidance scale (conditional checkpoints)")
     a("--class-label", type=int, help="sample only this class (conditional checkpoints)")
-    a("--seed", type=int, default=0, help="fixes the starting noise, the sampler noise and the masks")
+    a("--seed", type=int, default=0,
+      help="fixes the starting noise, the sampler noise and the masks")
     a("--batch-size", type=int, default=256, help="images per sampling batch")
     a("--out", help="PNG to write (default: samples.png / reconstruction.png in the run folder)")
-    a("--npz", help="also save the raw uint8 samples [N, H, W, C] and labels here (for tools/fid.py)")
+    a("--npz",
+      help="also save the raw uint8 samples [N, H, W, C] and labels here (for tools/fid.py)")
     a("--fid", type=int, metavar="N", help="sample N images (an equal number per class for a "
       "conditional checkpoint) and score their FID against CIFAR-10 train (tools/fid.py); the "
       "number goes to fid-N-steps<S>[-cfg<s>].json beside the checkpoint")

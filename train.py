@@ -1,7 +1,7 @@
 """Pre-train UMD (or MAE, DiT, MaskDiT: settings of the same step) on CIFAR-10, or fine-tune a
 pre-trained checkpoint into a class-conditional generator.
 
-    python train.py --dataset cifar10                      # UMD: the GPU recipe with CUDA, else the CPU one
+    python train.py --dataset cifar10                      # UMD: GPU recipe with CUDA, else CPU
     python train.py --method dit                           # another method
     python train.py --finetune runs/umd-small-p2/ckpt.pt   # class-conditional fine-tune
     python train.py --resume --out runs/umd-small-p2       # continue exactly where it stopped
@@ -53,11 +53,12 @@ def build(args, ds, device, resumed):
         raise TrainError(f"the model takes {model.config['img_size']}px images "
                          f"but the data are {ds.train_x.shape[-1]}px")
     model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()  # the fine-tune EMA starts at the loaded weights
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts at the loaded weights
     named = list(model.named_parameters())
     groups = [dict(params=[p for n, p in named if not no_decay(n)], weight_decay=args.weight_decay),
               dict(params=[p for n, p in named if no_decay(n)], weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2),
+                            fused=device.type == "cuda")
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         ema.load_state_dict(resumed["ema"])
@@ -118,7 +119,8 @@ def train(args):
     step = resumed["step"] if resumed else 0
     conditional = model.num_classes is not None
     n0 = noise_free_share(args.batch_size, args.r_t0, rank, world)  # this rank's noise-free images
-    unused = noise_free_share(args.batch_size, args.r_t0, world - 1, world) == 0 and args.mask_ratio == 0
+    unused = (noise_free_share(args.batch_size, args.r_t0, world - 1, world) == 0
+              and args.mask_ratio == 0)
     net = wrap(model, device, world, use_compile, unused)
     if use_compile and device.type == "cuda":  # no Triton or C compiler: one line, no traceback
         from machinery import compile_preflight

