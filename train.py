@@ -36,13 +36,11 @@ def build(args, ds, device, resumed):
     try:  # a checkpoint whose config or weights cannot make a model: one clear line
         if resumed is not None:  # its weights are loaded below, with the optimizer
             model = UMDModel(**resumed["config"]["model"])
-        elif args.finetune:  # pre-trained weights + a fresh label embedding (num_classes + 1 rows)
+        elif args.finetune:  # the raw pre-trained weights (as officially) + a fresh label branch
             pre = read_checkpoint(args.finetune)
             model = UMDModel(**{**pre["config"]["model"], "num_classes": ds.num_classes})
-            label = ("y_embed.", "y_mlp.")
-            missing, unexpected = model.load_state_dict(
-                {k: v for k, v in pre["model"].items() if not k.startswith(label)}, strict=False)
-            if unexpected or any(not k.startswith(label) for k in missing):
+            missing, unexpected = model.load_state_dict(pre["model"], strict=False)
+            if unexpected or any(not k.startswith(("y_embed.", "y_mlp.")) for k in missing):
                 raise ValueError("its weights do not match its model config")
         else:
             model = UMDModel(args.model, args.patch_size, img_size=ds.train_x.shape[-1],
@@ -119,9 +117,11 @@ def train(args):
     step = resumed["step"] if resumed else 0
     conditional = model.num_classes is not None
     n0 = noise_free_share(args.batch_size, args.r_t0, rank, world)  # this rank's noise-free images
-    unused = (noise_free_share(args.batch_size, args.r_t0, world - 1, world) == 0
-              and args.mask_ratio == 0)
-    net = wrap(model, device, world, use_compile, unused)
+    # the last rank has the fewest noise-free images; with none and no masking, the mask token
+    # gets no gradient there, and DDP must be told
+    idle_mask_token = (noise_free_share(args.batch_size, args.r_t0, world - 1, world) == 0
+                       and args.mask_ratio == 0)
+    net = wrap(model, device, world, use_compile, idle_mask_token)
     if use_compile and device.type == "cuda":  # no Triton or C compiler: one line, no traceback
         from machinery import compile_preflight
         compile_preflight(device)
