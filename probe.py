@@ -334,7 +334,7 @@ def run(args):
     split = f"{args.dataset.replace('cifar10', 'CIFAR-10')} test, {len(test_f)} images"
     results, lines = evaluate(train_f, ds.train_y, test_f, ds.test_y, ds.num_classes, modes, split,
                               args.shots, args.seeds, args.k)
-    results = dict(settings={k: v for k, v in vars(args).items()}, what=what,
+    results = dict(settings=vars(args), what=what,
                    feature_dim=train_f.shape[1], **results)
     results["seconds"] = time.time() - start
     print(f"# {what}")

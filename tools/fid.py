@@ -200,9 +200,13 @@ def read_input(spec, data_dir, limit=None):
         if not files:
             raise FIDError(f"{p}: no images in this folder")
         from PIL import Image
+
+        def rgb(f):
+            with Image.open(f) as im:
+                return np.asarray(im.convert("RGB"))
         try:
-            arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-        except (OSError, ValueError) as e:  # ValueError: images of different sizes
+            arr = np.stack([rgb(f) for f in files])
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # ValueError: sizes differ
             raise FIDError(f"{p}: cannot stack its images ({str(e).splitlines()[0]}); "
                            "all must be readable and one size")
         return "images", as_nchw(arr, p)
