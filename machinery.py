@@ -2,6 +2,7 @@
 compile, the run folder (lock, config, log, checkpoints), atomic writes, Ctrl-C and the loss meter.
 Nothing here changes what is computed; train.py reads without it.
 """
+import io
 import json
 import math
 import os
@@ -46,8 +47,10 @@ def save_atomic(obj, path):
                 f.write(obj.encode())
             elif callable(obj):
                 obj(f)
-            else:
-                torch.save(obj, f)
+            else:  # serialised in memory first: torch's zip writer hides a full disk's OSError
+                buffer = io.BytesIO()
+                torch.save(obj, buffer)
+                f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -43,17 +43,46 @@ def test_noise_free_share_of_the_global_batch():
 
 # ----------------------------------------------------------------------------- files
 def full_disk(monkeypatch, after=0):
-    """torch.save into an open file fails with ENOSPC after `after` successful calls."""
-    real, calls = torch.save, {"n": 0}
+    """Checkpoint files fail halfway with ENOSPC, after `after` that are written whole."""
+    real_open, calls = open, {"n": 0}
 
-    def save(obj, f, *a, **k):
-        calls["n"] += 1
-        if calls["n"] > after:
-            f.write(b"partial")
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(bytes(data)[:len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(obj, f, *a, **k)
 
-    monkeypatch.setattr(machinery.torch, "save", save)
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "ckpt.pt" in str(path) and "w" in mode:
+            calls["n"] += 1
+            return Full(f) if calls["n"] > after else f
+        return f
+
+    monkeypatch.setattr(machinery, "open", fake_open, raising=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 130 MB file system (a tmpfs), where the machine allows mounting one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=130m", "tmpfs", str(disk)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
@@ -79,6 +108,19 @@ def test_a_run_stopped_by_a_full_disk_says_so_and_resumes_once_there_is_room(
     monkeypatch.undo()
     assert run_main(["--resume", "--out", out, "--max-steps", 6]) == 0
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [2, 4, 6]
+
+
+def test_a_real_full_disk_is_one_line_and_the_run_resumes_after_it(
+        small_disk, cifar_dir, capsys):
+    out = small_disk / "run"  # one checkpoint of this network is 91 MB: the second cannot fit
+    argv = ["--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0, "--out", out]
+    assert run_main([*argv, "--max-steps", 4]) == 2
+    assert "No space left on device" in one_error_line(capsys, "train.py")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    assert not list(out.glob("*.tmp"))
+    subprocess.run(["mount", "-o", "remount,size=300m", str(small_disk)], check=True)
+    assert run_main(["--resume", "--out", out, "--max-steps", 4]) == 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
 
 
 @pytest.mark.parametrize("where", ["a file", "under a file"])
