@@ -54,8 +54,10 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # say which file could not be written
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
