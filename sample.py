@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from corruption import cosine_alphas_cumprod, q_sample, random_masking
 from data import DataError, load_dataset, to_float
-from machinery import (CheckpointError, FlagError, command_line, finite, save_atomic,
-                       writable)
+from machinery import CheckpointError, FlagError, command_line, finite, save_atomic, writable
 from model import CLEAN, load_checkpoint, time_input, unpatchify
 
 
@@ -244,9 +243,10 @@ def sample(args):
               "reconstruction | (noised + masked 37.5%, x0 prediction) at t = 100, 300, 500, 800")
         return 0
 
-    if args.fid is not None:  # the network and the reference first: a missing one fails now
-        from tools.fid import fid_reference
+    if args.fid is not None:  # the network, the reference and the record first: they fail now
+        from tools.fid import fid_record_path, fid_reference, score_samples
         net, reference = fid_reference(args.inception, args.data_dir, device)
+        record = fid_record_path(args, ckpt_path)
         start = time.time()
     n = args.fid or args.n
     labels = class_labels(model, n, args.class_label)
@@ -255,7 +255,6 @@ def sample(args):
                        args.batch_size)
     seconds = time.time() - start
     if args.fid is not None:  # the result is printed before any file is written
-        from tools.fid import score_samples
         value = score_samples(to_uint8(samples), net, reference)
         print(f"FID-{n} against CIFAR-10 train: {value:.2f} ({time.time() - start:.0f}s in all)")
     # the picture: one row per class (at most 10 of each), or a square of at most 100
@@ -274,18 +273,12 @@ def sample(args):
     print(f"wrote {out} ({size[1]}x{size[0]} px): {n} samples, {args.steps} DDIM steps{guidance}, "
           f"{seconds:.1f}s" + (f"; raw samples in {npz}" if npz else ""))
     if args.fid is not None:
-        tags = [args.cfg_scale is not None and f"cfg{args.cfg_scale:g}",
-                args.class_label is not None and f"class{args.class_label}",
-                args.eta != 1 and f"eta{args.eta:g}", args.seed != 0 and f"seed{args.seed}",
-                args.raw and "raw"]  # the settings one varies, so that runs do not overwrite
-        path = ckpt_path.parent / ("-".join([f"fid-{n}-steps{args.steps}", *filter(None, tags)])
-                                   + ".json")
         save_atomic(json.dumps(dict(
             fid=value, n=n, reference="cifar10-train", n_reference=reference[2],
             steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, seed=args.seed,
             ckpt=str(ckpt_path), ckpt_step=ckpt.get("step"), weights=weights,
-            network_sha256=net.sha256, sampling_seconds=seconds), indent=2) + "\n", path)
-        print(f"wrote {path}")
+            network_sha256=net.sha256, sampling_seconds=seconds), indent=2) + "\n", record)
+        print(f"wrote {record}")
     return 0
 
 

@@ -334,6 +334,17 @@ def fid_reference(inception, data_dir, device):
     return net, stats_of("cifar10-train", data_dir, net)
 
 
+def fid_record_path(args, ckpt_path):
+    """Where sample.py --fid keeps its number: beside the checkpoint, named by the settings one
+    varies, so that runs do not overwrite each other; checked before the sampling."""
+    tags = [args.cfg_scale is not None and f"cfg{args.cfg_scale:g}",
+            args.class_label is not None and f"class{args.class_label}",
+            args.eta != 1 and f"eta{args.eta:g}", args.seed != 0 and f"seed{args.seed}",
+            args.raw and "raw"]
+    name = "-".join([f"fid-{args.fid}-steps{args.steps}", *filter(None, tags)])
+    return writable(Path(ckpt_path).parent / f"{name}.json", "the FID record")
+
+
 def score_samples(samples, net, reference):
     """FID of uint8 samples [N, H, W, C] against reference statistics (mu, sigma, n)."""
     images = torch.from_numpy(samples).permute(0, 3, 1, 2)
