@@ -1,4 +1,5 @@
 """The analytic FLOP count against torch's counter, and the bench CLI."""
+import json
 import os
 import sys
 
@@ -48,6 +49,23 @@ def test_bench_cli_table():
     assert dit[-2].strip() == "1.00x" and dit[-3].strip() == "1.00x" and float(dit[4]) > 0
 
 
-def test_gpu_check_script_parses():
-    r = run_script("-c", "import subprocess, sys; sys.exit(subprocess.call(['bash', '-n', 'tools/gpu_check.sh']))")
+def test_bench_json_counts_graphs_and_recompiles(tmp_path):
+    """--runs with a mode each, on the aot_eager backend (inductor's graphs, without its compile time)."""
+    r = run_script("tools/bench.py", "--runs", "umd,umd:eager", "--compile", "--backend", "aot_eager", "--model", "tiny",
+                   "--patch-size", "8", "--device", "cpu", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+                   "--json", tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
+    runs = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert [(x["label"], x["compiled"], x["graphs"], x["recompiles"], x["graph_breaks"]) for x in runs] == [
+        ("umd", True, 2, 0, 0), ("umd eager", False, None, None, None)]
+    assert all(x["first_step_s"] > 0 and x["img_s"] > 0 and x["loss"] > 0 for x in runs)
+
+
+def test_bench_machine_and_bad_flags(tmp_path):
+    r = run_script("tools/bench.py", "--machine", "--device", "cpu", "--backend", "aot_eager", "--json", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads((tmp_path / "m.json").read_text())
+    assert info["compile"] == "ok" and info["torch"] == torch.__version__ and "c_compiler" in info
+    for flags in (["--runs", "umd:fast"], ["--steps", "0"]):
+        r = run_script("tools/bench.py", *flags, "--device", "cpu")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -94,6 +94,11 @@ def test_an_interrupted_training_resumes(cifar_dir, tmp_path):
     (["--shots", "0"], "--shots must be in 1..5000"),
     (["--finetune-ema-decay", "1"], "--finetune-ema-decay"),
     (["--probe-images", "45"], "--probe-images must be a multiple"),
+    (["--lr", "nan"], "--lr nan is not a finite number"),
+    (["--finetune-epochs", "inf"], "--finetune-epochs inf is not a finite number"),
+    (["--cfg-scale=-inf"], "--cfg-scale -inf is not a finite number"),
+    (["--fid-steps", "1001"], "--fid-steps in 1..1000"),
+    (["--epochs", "0"], "the epochs positive"),
 ])
 def test_bad_input_is_one_line_and_exit_2(extra, message, cifar_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
@@ -150,3 +155,64 @@ def test_the_probes_learn_from_an_equal_number_of_images_per_class(finished, cif
     assert compare.get_args(["--epochs", "0.5"]).probe_images == 5000  # a smoke run: a smaller probe
     assert compare.get_args(["--epochs", "0.5", "--shots", "600"]).probe_images == 12000  # 2 x shots per class
     assert compare.get_args(["--epochs", "1"]).probe_images == 50000
+
+
+def test_out_at_or_under_a_file_is_one_line_and_exit_2(tmp_path, cifar_dir, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for out, message in [(tmp_path / "file", "is a file; pass a folder"), (tmp_path / "file" / "cmp", "Not a directory")]:
+        assert run(out, cifar_dir) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_a_full_disk_is_one_line_after_the_table_is_shown(finished, cifar_dir, capsys, monkeypatch):
+    out, _ = finished
+
+    def full(obj, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(compare, "save_atomic", full)
+    assert run(out, cifar_dir) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "free some space" in err[0], err
+    assert "| umd |" in captured.out  # every number was on the screen before the write failed
+
+
+def test_every_training_starts_with_an_empty_compile_cache(cifar_dir, tmp_path, monkeypatch):
+    """Eight trainings in one process: without a clean cache each adds its graphs to the same
+    forward, and past dynamo's recompile limit (8) the last ones would run uncompiled."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+    from model import UMDModel
+
+    real_compile, real_train, seen = torch.compile, train.train, []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": "aot_eager"}))
+    cached = lambda: len(_debug_get_cache_entry_list(UMDModel.forward.__code__))
+
+    def counted(args):
+        before, graphs = cached(), counters["stats"]["unique_graphs"]
+        code = real_train(args)
+        seen.append((before, counters["stats"]["unique_graphs"] - graphs, cached()))
+        return code
+
+    monkeypatch.setattr(train, "train", counted)
+    torch._dynamo.reset()
+    real_compile(torch.nn.Linear(2, 2), backend="aot_eager")(torch.zeros(1, 2))  # something compiled before
+    assert run(tmp_path / "cmp", cifar_dir, "--methods", "umd", "--fid", "0", "--compile") == 0
+    # pre-training: a noise-free and a noisy group (2 graphs); fine-tune: 1 noise-free image of 32, with labels
+    assert seen == [(0, 2, 2), (0, 2, 2)]
+    torch._dynamo.reset()
+
+
+def test_the_gpu_estimate_counts_compile_sampling_and_fid(capsys):
+    parts = compare.gpu_estimate(compare.PRESETS["gpu"])
+    assert set(parts) == {"pre-training", "fine-tuning", "compilation", "probes", "sampling", "FID", "start-up"}
+    assert parts["compilation"] == 11.0  # 5 pre-training graphs and 6 fine-tuning graphs, a minute each
+    assert parts["sampling"] > parts["pre-training"] > parts["fine-tuning"] > 0 and parts["FID"] > 1
+    assert 20 < sum(parts.values()) < 40
+    with pytest.raises(SystemExit):
+        compare.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "an estimate until a GPU run measures it" in text and "9 minutes" not in text

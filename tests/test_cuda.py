@@ -1,10 +1,13 @@
 """The GPU path (skipped without CUDA; tools/gpu_check.sh runs it on a lent machine):
-compile + bf16 training learns, matches fp32 eager, and the CLIs work on the device."""
+compile + bf16 training learns, matches fp32 eager, and the CLIs work on the device; the step
+never waits for the host; the compile preflight works, and its failure is one line."""
 import json
 
 import pytest
 import torch
 
+import machinery
+import train
 from conftest import run_script
 from corruption import cosine_alphas_cumprod, umd_loss
 from model import build_model, load_checkpoint
@@ -60,3 +63,29 @@ def test_cli_on_cuda(tmp_path, cifar_dir):
                    "--max-steps", "4", "--amp", "fp16", "--no-compile", "--probe-every", "0", "--out", tmp_path / "fp16")
     assert r.returncode == 0, r.stderr  # fp16 autocast with the GradScaler
     assert torch.load(tmp_path / "fp16" / "ckpt.pt", weights_only=True)["scaler"] is not None
+
+
+def test_the_step_never_waits_for_the_host(tmp_path):
+    """train.py's step, eager (a compiled graph cannot wait without a graph break, which
+    tests/test_compile.py rules out): no synchronisation under torch.cuda.set_sync_debug_mode."""
+    r = run_script("tools/bench.py", "--runs", "umd:eager,dit:eager", "--model", "tiny", "--patch-size", "4",
+                   "--batch-size", "64", "--steps", "3", "--warmup", "1", "--json", tmp_path / "b.json")
+    assert r.returncode == 0, r.stderr
+    runs = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert [x["syncs"] for x in runs] == [0, 0], [x["sync_first"] for x in runs]
+
+
+def test_compile_preflight_works_here_and_a_failure_is_one_line(tmp_path, cifar_dir, monkeypatch, capsys):
+    machinery.compile_preflight(torch.device("cuda"))  # Triton and a C compiler are here
+
+    def broken(device, backend="inductor"):
+        raise machinery.TrainError("torch.compile does not work on this machine (RuntimeError: no Triton); "
+                                   "pass --no-compile to train without it")
+
+    monkeypatch.setattr(machinery, "compile_preflight", broken)
+    with pytest.raises(SystemExit) as e:
+        train.main(list(map(str, ["--data-dir", cifar_dir, "--model", "tiny", "--patch-size", "4", "--batch-size", "32",
+                                  "--max-steps", "1", "--probe-every", "0", "--compile", "--out", tmp_path / "run"])))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-compile" in err[0], err

@@ -1,7 +1,17 @@
-"""Time training steps (forward, backward, clip, AdamW) and count their FLOPs.
+"""Time training steps, count their FLOPs, and say what torch.compile did with them.
 
     python tools/bench.py --compare --model tiny --patch-size 4 --device cpu
-    python tools/bench.py --compare --batch-size 1024          # small/2, compile + bf16 on a GPU
+    python tools/bench.py --compare --batch-size 1024              # small/2, compile + bf16 on a GPU
+    python tools/bench.py --runs umd,dit,umd:eager --json b.json   # the bench of tools/gpu_check.sh
+    python tools/bench.py --machine                                # what compile needs, and a compile check
+
+A run times train.py's step as it runs between two log points: the batch drawn and augmented on
+the device, the learning rate set (it changes every step, as in the warm-up), forward (the UMD
+loss), backward, clip, AdamW, EMA and the loss sums kept on the device. Per run: the first step's
+seconds (compilation included), img/s and MFU over --steps timed steps after --warmup more, peak
+memory, the graphs torch.compile made in the first step and after it (recompiles: 0 expected),
+graph breaks (0 expected), and on CUDA the host-device synchronisations inside the timed steps
+(torch.cuda.set_sync_debug_mode("warn"): 0 expected). Each run starts from an empty compile cache.
 
 How FLOPs are counted (analytically, from the architecture and the realised token counts):
 a matmul of [m, k] x [k, n] is 2*m*k*n FLOPs (a multiply-add is 2); every Linear, the patch
@@ -12,19 +22,32 @@ the r_t0-weighted mean of its two groups. tests/test_bench.py checks the forward
 torch.utils.flop_counter.
 """
 import argparse
+import contextlib
+import copy
+import importlib.metadata
+import json
 import os
+import platform
 import resource
+import shutil
 import sys
 import time
+import warnings
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from corruption import cosine_alphas_cumprod, umd_loss  # noqa: E402
-from model import SIZES, build_model, no_decay  # noqa: E402
 from config import METHODS  # noqa: E402
+from corruption import cosine_alphas_cumprod, umd_loss  # noqa: E402
+from data import Batches  # noqa: E402
+from machinery import LossMeter, TrainError, compile_preflight, save_atomic  # noqa: E402
+from model import SIZES, build_model, no_decay  # noqa: E402
 
 PEAK_BF16 = {"A100": 312e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}  # dense TFLOP/s
+
+
+class BenchError(Exception):
+    """Bad flags: one line, exit status 2."""
 
 
 def forward_flops(size, patch_size, img_size=32, channels=3, n_keep=None, conditional=False, num_cls_tokens=4):
@@ -55,97 +78,243 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def bench(method, args, device):
-    """Times args.steps training steps after args.warmup; returns a dict of results."""
+def compile_counts():
+    """(graphs compiled, graph breaks) so far in this process, from dynamo's counters."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+@contextlib.contextmanager
+def sync_watch(on):
+    """The host-device synchronisations CUDA reports meanwhile (a list of messages; None off CUDA)."""
+    if not on:
+        yield None
+        return
+    seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield seen
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            seen += [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+
+
+def bench(method, compiled, args, device):
+    """One run: the first step, args.warmup more, then args.steps timed; returns a dict of results."""
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
+    torch._dynamo.reset()  # an empty compile cache: this run's graphs only, and no recompile limit reached
     preset = dict(METHODS[method])
     model = build_model(args.model, args.patch_size).to(device)
-    params = list(model.parameters())
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
     groups = [dict(params=[p for n, p in model.named_parameters() if not no_decay(n)], weight_decay=0.05),
               dict(params=[p for n, p in model.named_parameters() if no_decay(n)], weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    net = torch.compile(model, dynamic=False) if args.compile else model
+    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    net = torch.compile(model, dynamic=False, backend=args.backend) if compiled else model
     ac = cosine_alphas_cumprod().to(device)
-    x0 = torch.rand(args.batch_size, 3, 32, 32, device=device) * 2 - 1
-    gen = torch.Generator(device).manual_seed(0)
+    total = 1 + args.warmup + args.steps
+    # random uint8 images, enough for every step in one epoch (no data-order reshuffle mid-way)
+    images = torch.randint(0, 256, (args.batch_size * total, 3, 32, 32), dtype=torch.uint8)
+    batches = Batches(images, torch.zeros(len(images), dtype=torch.long), args.batch_size, 0, device)
+    meter, gen = LossMeter(device), torch.Generator(device)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
-    def step():
+    def step(i):  # train.py's step, in its order
+        for group in opt.param_groups:
+            group["lr"] = 1e-4 * (i + 1) / total
+        gen.manual_seed(i)
+        x0, _ = batches.get(i, gen)
         with torch.autocast(device.type, amp, enabled=amp is not None):
-            loss, _ = umd_loss(net, x0, alphas_cumprod=ac, generator=gen, **preset)
+            loss, stats = umd_loss(net, x0, alphas_cumprod=ac, generator=gen, **preset)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(ema_params, params, 1 - 0.9999)
+        meter.add(i, loss, stats)
 
-    for _ in range(args.warmup):  # compile, autotune, allocator warm-up
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    graphs0, breaks0 = compile_counts()
+    t = time.perf_counter()
+    step(0)
+    sync()
+    first = time.perf_counter() - t
+    graphs1, _ = compile_counts()
+    for i in range(1, 1 + args.warmup):
+        step(i)
+    sync()
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(args.steps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        seconds = start.elapsed_time(end) / 1000
-        mem = torch.cuda.max_memory_allocated() / 2 ** 30
-    else:
+    with sync_watch(cuda) as syncs:
         t = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        seconds = time.perf_counter() - t
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS (GiB)
+        if cuda:
+            start.record()
+        for i in range(1 + args.warmup, total):
+            step(i)
+        if cuda:
+            end.record()
+            end.synchronize()
+        seconds = start.elapsed_time(end) / 1000 if cuda else time.perf_counter() - t
+    graphs2, breaks2 = compile_counts()
+    mem = (torch.cuda.max_memory_allocated() if cuda
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30  # peak RSS on the CPU
+    (loss, _, _), _, _, bad = meter.read(1)
+    if bad >= 0:
+        raise RuntimeError(f"the loss became non-finite at step {bad}")
     flops, tokens = step_flops(args.model, args.patch_size, **preset)
     img_s = args.steps * args.batch_size / seconds
     peak = peak_flops(device)
-    return dict(method=method, tokens=tokens, gflop=flops / 1e9, img_s=img_s, ms=1000 * seconds / args.steps,
-                mem=mem, tflop_s=flops * img_s / 1e12, mfu=None if peak is None else flops * img_s / peak)
+    return dict(method=method, compiled=compiled, tokens=tokens, gflop=flops / 1e9, first_step_s=first, img_s=img_s,
+                ms=1000 * seconds / args.steps, mem_gib=mem, tflop_s=flops * img_s / 1e12,
+                mfu=None if peak is None else flops * img_s / peak, loss=loss,
+                graphs=graphs1 - graphs0 if compiled else None, recompiles=graphs2 - graphs1 if compiled else None,
+                graph_breaks=breaks2 - breaks0 if compiled else None,
+                syncs=None if syncs is None else len(syncs), sync_first=(syncs or [None])[0])
 
 
-def main():
+def runs_of(args):
+    """(method, compiled, label) of each run: --runs, else --compare's four methods, else --method."""
+    if args.runs:
+        items = [s.strip() for s in args.runs.split(",") if s.strip()]
+    else:
+        items = list(METHODS) if args.compare else [args.method]
+    runs = []
+    for item in items:
+        method, _, mode = item.partition(":")
+        if method not in METHODS or mode not in ("", "compile", "eager"):
+            raise BenchError(f"--runs: {item!r} is not METHOD or METHOD:compile or METHOD:eager "
+                             f"(methods: {', '.join(METHODS)})")
+        runs.append((method, args.compile if not mode else mode == "compile", f"{method} {mode}" if mode else method))
+    if not runs:
+        raise BenchError("--runs names no run")
+    return runs
+
+
+def machine(device, backend):
+    """What torch.compile needs here (Triton on CUDA, a C compiler), and whether it works."""
+    def version(*names):
+        for name in names:
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        return None
+    cuda = device.type == "cuda"
+    info = dict(device=torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)",
+                torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+                triton=version("triton", "pytorch-triton"),
+                c_compiler=next(filter(None, map(shutil.which, (os.environ.get("CC") or "cc", "gcc", "clang"))), None),
+                backend=backend)
+    if cuda:
+        props = torch.cuda.get_device_properties(device)
+        info.update(capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2 ** 30, 1),
+                    bf16=torch.cuda.is_bf16_supported(), cudnn=torch.backends.cudnn.version(),
+                    peak_bf16_tflops=None if peak_flops(device) is None else peak_flops(device) / 1e12)
+    t = time.perf_counter()
+    try:
+        compile_preflight(device, backend)
+        info["compile"] = "ok"
+    except TrainError as e:
+        info["compile"] = str(e)
+    info["compile_s"] = round(time.perf_counter() - t, 2)
+    return info
+
+
+def table(rows, cuda):
+    ok = [r for r in rows if "error" not in r]
+    ref = next((r for r in ok if r["method"] == "dit"), None)
+    mem_label = "peak GiB" if cuda else "RSS GiB"
+    lines = [f"| method | enc. tokens/img | GFLOP/img | img/s | ms/step | {mem_label} | TFLOP/s | MFU | first step s | "
+             "graphs | recompiles | graph breaks | syncs |" + (" time/img vs dit | FLOPs/img vs dit |" if ref else ""),
+             "|---" * (13 + 2 * bool(ref)) + "|"]
+    dash = lambda v, f="{}": "-" if v is None else f.format(v)
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error']} |")
+            continue
+        line = (f"| {r['label']} | {r['tokens']:.0f} | {r['gflop']:.2f} | {r['img_s']:.0f} | {r['ms']:.1f} | "
+                f"{r['mem_gib']:.2f} | {r['tflop_s']:.2f} | {dash(r['mfu'] and 100 * r['mfu'], '{:.1f}%')} | "
+                f"{r['first_step_s']:.1f} | {dash(r['graphs'])} | {dash(r['recompiles'])} | {dash(r['graph_breaks'])} | "
+                f"{dash(r['syncs'])} |")
+        if ref:  # cost ratios: time per image and FLOPs per image, relative to dit
+            line += f" {ref['img_s'] / r['img_s']:.2f}x | {r['gflop'] / ref['gflop']:.2f}x |"
+        lines.append(line)
+    return lines
+
+
+def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=list(METHODS), default="umd")
     p.add_argument("--compare", action="store_true", help="umd, mae, dit and maskdit with the same network, one table")
+    p.add_argument("--runs", help="comma-separated runs, each METHOD, METHOD:compile or METHOD:eager "
+                   "(e.g. umd,dit,umd:eager); overrides --method and --compare")
+    p.add_argument("--machine", action="store_true", help="only say what torch.compile needs here (Triton, a C "
+                   "compiler) and check that it works, as train.py does before its first step; exit 1 if not")
     p.add_argument("--model", choices=list(SIZES), default="small")
     p.add_argument("--patch-size", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=None, help="default 1024 on CUDA, 128 on the CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 5 on the CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on CUDA, 2 on the CPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps after the first one (default 5 on CUDA, 1 on the CPU)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor, as train.py)")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default bf16 on CUDA, off on the CPU")
-    args = p.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench.py: error: --device cuda but no CUDA device is available; use --device cpu", file=sys.stderr)
-        sys.exit(2)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    args.batch_size = args.batch_size or (1024 if cuda else 128)
-    args.steps = args.steps or (20 if cuda else 5)
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
-    args.compile = cuda if args.compile is None else args.compile
-    args.amp = args.amp or ("bf16" if cuda else "off")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    p.add_argument("--json", metavar="PATH", help="also write every number here (rewritten after each run)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise BenchError("--device cuda but no CUDA device is available; use --device cpu")
+        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        cuda = device.type == "cuda"
+        if cuda:  # as train.py
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if args.machine:
+            info = machine(device, args.backend)
+            print("\n".join(f"{k}: {v}" for k, v in info.items()))
+            if args.json:
+                save_atomic(json.dumps(info, indent=2) + "\n", args.json)
+            return 0 if info["compile"] == "ok" else 1
+        args.batch_size = args.batch_size if args.batch_size is not None else (1024 if cuda else 128)
+        args.steps = args.steps if args.steps is not None else (20 if cuda else 5)
+        args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+        args.compile = cuda if args.compile is None else args.compile
+        args.amp = args.amp or ("bf16" if cuda else "off")
+        if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
+            raise BenchError("--batch-size must be at least 2, --steps at least 1, --warmup at least 0")
+        if args.amp == "fp16" and not cuda:
+            raise BenchError("--amp fp16 needs CUDA; use --amp bf16 or off on the CPU")
+        runs = runs_of(args)
+    except BenchError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 2
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    print(f"# {name}; {args.model}/p{args.patch_size}, batch {args.batch_size}, amp {args.amp}, compile {args.compile}, "
-          f"{args.steps} timed steps after {args.warmup}; torch {torch.__version__}")
-    rows = [bench(m, args, device) for m in (METHODS if args.compare else [args.method])]
-    ref = next((r for r in rows if r["method"] == "dit"), None)
-    mem_label = "peak GiB" if cuda else "RSS GiB"
-    print(f"| method | enc. tokens/img | GFLOP/img | img/s | ms/step | {mem_label} | TFLOP/s | MFU |"
-          + (" time/img vs dit | FLOPs/img vs dit |" if ref else ""))
-    print("|---" * (8 + 2 * bool(ref)) + "|")
-    for r in rows:
-        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        line = (f"| {r['method']} | {r['tokens']:.0f} | {r['gflop']:.2f} | {r['img_s']:.0f} | {r['ms']:.1f} | "
-                f"{r['mem']:.2f} | {r['tflop_s']:.2f} | {mfu} |")
-        if ref:  # cost ratios: time per image and FLOPs per image, relative to dit
-            line += f" {ref['img_s'] / r['img_s']:.2f}x | {r['gflop'] / ref['gflop']:.2f}x |"
-        print(line)
+    head = (f"# {name}; {args.model}/p{args.patch_size}, batch {args.batch_size}, amp {args.amp}, backend "
+            f"{args.backend}; {args.steps} timed steps after 1 + {args.warmup}; torch {torch.__version__}")
+    print(head, flush=True)
+    rows, record = [], dict(device=name, torch=torch.__version__, settings={
+        k: getattr(args, k) for k in ("model", "patch_size", "batch_size", "steps", "warmup", "amp", "backend")})
+    for method, compiled, label in runs:
+        try:
+            row = dict(bench(method, compiled, args, device), label=label)
+        except Exception as e:  # one failed run (a compile error, out of memory) does not stop the others
+            reason = next((l for l in str(e).splitlines() if l.strip()), "")[:200]
+            row = dict(method=method, compiled=compiled, label=label, error=f"{type(e).__name__}: {reason}")
+            print(f"bench.py: {label} failed: {row['error']}", file=sys.stderr, flush=True)
+        rows.append(row)
+        if args.json:  # after every run: a stage stopped at its time limit keeps what it measured
+            save_atomic(json.dumps(dict(record, runs=rows), indent=2) + "\n", args.json)
+    print("\n".join(table(rows, cuda)))
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,7 @@ same network, schedule, batch, seed and data order (only the method preset diffe
 probed, fine-tuned with labels, sampled and scored.
 
     python tools/compare.py --preset cpu     # tiny/4 on 2 CPU cores, 2.4 hours (README)
-    python tools/compare.py --preset gpu     # small/2 on one H100/H200 (not yet measured)
+    python tools/compare.py --preset gpu     # small/2 on one H100/H200: about 27 min estimated, not yet run
     python tools/compare.py --model tiny --patch-size 8 --epochs 0.05 --finetune-epochs 0.02 --fid 0
 
 For each method, one stage after another, each writing its result into OUT/<method>/:
@@ -15,6 +15,8 @@ For each method, one stage after another, each writing its result into OUT/<meth
   fid        tools/fid.py against CIFAR-10 train, where the Inception network is found; else the
              samples wait, and the next run of the same command (here or on another machine)
              scores them
+Every training starts from an empty torch.compile cache, so that eight of them in one process
+never reach dynamo's recompile limit (and run uncompiled past it).
 Running the same command again skips finished stages and resumes an interrupted training, so a
 comparison can be stopped (Ctrl-C) and continued, or spread over machines (e.g. trained on a GPU,
 then `--out FOLDER --device cpu` scores the FID of its samples where the Inception network is).
@@ -27,6 +29,7 @@ README; UMD: arXiv 2406.17688.
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import sys
@@ -41,15 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import train  # noqa: E402
 from data import CIFAR_CLASSES, DataError, load_dataset  # noqa: E402
-from machinery import CheckpointError, read_log, save_atomic  # noqa: E402
+from machinery import CheckpointError, os_error_line, read_log, save_atomic  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 from probe import evaluate, extract_features, fewshot_indices  # noqa: E402
 from sample import class_labels, generate, to_uint8  # noqa: E402
-from tools.bench import step_flops  # noqa: E402
+from tools.bench import forward_flops, step_flops  # noqa: E402
 from tools.fid import FIDError, Inception, fid_of_images  # noqa: E402
 
-# The presets (README "The comparison"): cpu takes 2.4 hours of 2 cores (measured), gpu is sized
-# for about 9 minutes of one H100/H200 (from the analytic FLOPs; not yet run on one).
+# The presets (README "The comparison"): cpu takes 2.4 hours of 2 cores (measured); gpu, on one
+# H100/H200, is estimated by gpu_estimate() below (not yet run on one).
 # The fine-tunes are short, so their EMA is too: the official 1 - 1e-4 * batch / 256 would leave
 # it at the starting weights, fresh label embedding included. With these decays under 3% of the
 # start is left at the end (0.97 ** 117 steps on the cpu, 0.99 ** 390 on the gpu).
@@ -62,7 +65,43 @@ PRESETS = dict(
              cfg_scale=2.0, device="cuda"),
 )
 PICTURE_PER_CLASS = 8  # samples per class drawn in compare.png
-RUNTIME = ("methods", "data_dir", "device", "out")  # may differ between runs of one comparison
+RUNTIME = ("methods", "data_dir", "device", "out", "compile")  # may differ between runs of one comparison
+# What gpu_estimate() assumes, each an assumption until a GPU run measures it: one H100/H200 at 989
+# dense bf16 TFLOP/s; compiled training at 30% of it, eager bf16 sampling at 20%; a minute to
+# compile each graph from an empty cache (umd and mae fine-tunes have 2, one per group); Inception
+# at 1,000 images/s (fp32, TF32 off); 30 s per probe read-out; 15 s of start-up and checkpoints per
+# training.
+GPU_ASSUMED = dict(peak_flops=989e12, train_mfu=0.30, sample_mfu=0.20, compile_s_per_graph=60,
+                   inception_img_s=1000, probe_s=30, training_overhead_s=15)
+
+
+def gpu_estimate(p, methods=tuple(config.METHODS), train_images=50000, a=GPU_ASSUMED):
+    """Minutes of each part of a comparison with settings p (a preset's dict, or vars(args)) on one
+    H100/H200: FLOPs at an assumed MFU, cold compiles, guided sampling and FID. An estimate."""
+    minutes = dict.fromkeys(("pre-training", "fine-tuning", "compilation", "probes", "sampling", "FID", "start-up"), 0.0)
+    train_speed, sample_speed = a["peak_flops"] * a["train_mfu"], a["peak_flops"] * a["sample_mfu"]
+    call = 2 * forward_flops(p["model"], p["patch_size"], conditional=True)  # guidance: 2 images a call
+    for m in methods:
+        pre, ft = config.METHODS[m], {**config.METHODS[m], **config.FINETUNE_METHODS[m]}
+        minutes["pre-training"] += p["epochs"] * train_images * step_flops(p["model"], p["patch_size"], **pre)[0] / train_speed
+        minutes["fine-tuning"] += (p["finetune_epochs"] * train_images
+                                   * step_flops(p["model"], p["patch_size"], **ft)[0] / train_speed)
+        graphs = sum((s["r_t0"] > 0) + (s["r_t0"] < 1) for s in (pre, ft))  # one per group of the batch
+        minutes["compilation"] += graphs * a["compile_s_per_graph"]
+        minutes["probes"] += a["probe_s"] * (2 if pre["r_t0"] == 0 else 1)  # dit, maskdit: also at t = 50
+        n = p["fid"] or PICTURE_PER_CLASS * len(CIFAR_CLASSES)
+        minutes["sampling"] += n * (p["fid_steps"] + 1) * call / sample_speed  # DDIM steps + the final call
+        minutes["FID"] += p["fid"] / a["inception_img_s"]
+        minutes["start-up"] += 2 * a["training_overhead_s"]
+    if p["fid"]:  # CIFAR-10 train's statistics, once, then cached
+        minutes["FID"] += train_images / a["inception_img_s"]
+    return {k: v / 60 for k, v in minutes.items()}
+
+
+def estimate_line(p):
+    parts = gpu_estimate(p)
+    return (f"about {sum(parts.values()):.0f} minutes of one H100/H200 (" + ", ".join(
+        f"{k} {v:.1f}" for k, v in parts.items()) + "; an estimate until a GPU run measures it)")
 
 
 class CompareError(Exception):
@@ -73,8 +112,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
                    help="default auto: the --out folder's own, else gpu with CUDA, else cpu. cpu takes 2.4 hours "
-                   "of 2 cores (measured), gpu is sized for about 9 minutes of one H100/H200 (from FLOPs, not yet "
-                   "measured). " + "; ".join(
+                   f"of 2 cores (measured); gpu {estimate_line(PRESETS['gpu'])}. " + "; ".join(
                        f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items()) for k, d in PRESETS.items()))
     p.add_argument("--methods", default="umd,mae,dit,maskdit", help="comma-separated (default umd,mae,dit,maskdit)")
     for key, value in PRESETS["cpu"].items():
@@ -89,6 +127,9 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default="./data", help="where cifar-10-batches-py lives (default ./data)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: the preset's")
     p.add_argument("--out", help="run folder (default runs/compare-<model>-p<patch>)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile in the trainings (default: train.py's, on with CUDA); --no-compile where "
+                   "train.py says that compile cannot work on the machine")
     args = p.parse_args(argv)
     saved = saved_settings(args.out) if args.out else None
     if args.preset == "auto" and saved:  # go on with that comparison, on any machine
@@ -121,12 +162,18 @@ def saved_settings(out):
 
 
 def check(args):
+    for key, value in vars(args).items():  # nan and inf pass argparse's float()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CompareError(f"--{key.replace('_', '-')} {value} is not a finite number")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CompareError(f"--out {args.out} is a file; pass a folder (new, or of this comparison)")
     unknown = [m for m in args.methods if m not in config.METHODS]
     if unknown or not args.methods:
         raise CompareError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(config.METHODS)}")
     # Checked before the folder is claimed: a typo must not lock a folder to its settings.
-    if args.fid < 0 or args.fid % len(CIFAR_CLASSES) or args.fid_steps < 1 or args.epochs <= 0 or args.finetune_epochs <= 0:
-        raise CompareError("--fid must be 0 or a multiple of the 10 classes, --fid-steps >= 1, the epochs positive")
+    if (args.fid < 0 or args.fid % len(CIFAR_CLASSES) or not 1 <= args.fid_steps <= 1000 or args.epochs <= 0
+            or args.finetune_epochs <= 0):
+        raise CompareError("--fid must be 0 or a multiple of the 10 classes, --fid-steps in 1..1000, the epochs positive")
     if min(args.batch_size, args.finetune_batch_size, args.lr, args.finetune_lr) <= 0 or not 0 <= args.finetune_ema_decay < 1:
         raise CompareError("the batch sizes and learning rates must be positive, --finetune-ema-decay in [0, 1)")
     if args.patch_size < 1 or 32 % args.patch_size:
@@ -162,6 +209,11 @@ def run_training(run_dir, argv, args):
     read from its log: steps, training seconds (probes and checkpoints excluded), img/s."""
     if (run_dir / "ckpt.pt").exists():  # an interrupted run: its settings are in its checkpoint
         argv = ["--resume"]
+    if args.compile is not None:
+        argv = [*argv, "--compile" if args.compile else "--no-compile"]
+    # an empty compile cache: the graphs of earlier trainings (other shapes, or a label branch) would
+    # pile up on the same forward and reach dynamo's recompile limit, past which it runs uncompiled
+    torch._dynamo.reset()
     code = train.train(config.get_args([*map(str, argv), "--out", str(run_dir), "--device", args.device,
                                         "--data-dir", args.data_dir]))
     if code != 0:
@@ -226,6 +278,7 @@ def stage_fid(m, d, args, ds):
     with np.load(d / "samples.npz") as data:
         images = torch.from_numpy(data["samples"]).permute(0, 3, 1, 2)
     value = fid_of_images(images, "cifar10-train", args.data_dir, net)
+    print(f"  FID-{len(images)}: {value:.2f}")
     return dict(fid=value, n=len(images), steps=args.fid_steps, cfg_scale=args.cfg_scale, reference="cifar10-train",
                 network_sha256=net.sha256, seconds=time.time() - start)
 
@@ -273,8 +326,10 @@ def summarize(args):
         flops, tokens = step_flops(args.model, args.patch_size, **config.METHODS[m])
         r["gflop_per_image"], r["encoder_tokens_per_image"] = flops / 1e9, tokens
         results["methods"][m] = r
+    text = table(results, args)
+    print("\n" + text, flush=True)  # on the screen first: a full disk loses no number
     write_json(out / "results.json", results)
-    (out / "table.md").write_text(table(results, args))
+    save_atomic(text, out / "table.md")
     picture(out, methods, out / "compare.png", tradeoff(results))
     return results
 
@@ -389,6 +444,8 @@ def main(argv=None):
         if not (out / "settings.json").exists():
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / "settings.json", settings(args))
+        if args.preset == "gpu" and args.device == "cuda":
+            print(f"the gpu preset: {estimate_line(vars(args))}")
         todo = stages(args)
         for i, (m, name, result, run) in enumerate(todo):
             d = out / m
@@ -400,16 +457,21 @@ def main(argv=None):
                   flush=True)
             value = run(m, d, args, ds)
             if value is not None:  # each stage says where it ran: a comparison may span machines
+                print(f"  {m} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in value.items()
+                                                    if isinstance(v, (int, float)) and not isinstance(v, bool)))
                 write_json(d / result, dict(value, machine=machine()))
         results = summarize(args)
     except (CompareError, DataError, CheckpointError, config.ConfigError, train.TrainError, FIDError) as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out a file or under one, a read-only folder, a full disk: finished stages are kept
+        print(f"compare.py: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ncompare.py: stopped; finished stages are kept in {args.out if args else 'the run folder'}: run the "
               "same command again to go on", file=sys.stderr)
         return 130
-    print("\n" + (Path(args.out) / "table.md").read_text() + f"\n{args.out}: results.json, table.md, compare.png")
+    print(f"{args.out}: results.json, table.md, compare.png")
     waiting = [m for m, r in results["methods"].items() if args.fid and "samples" in r and "fid" not in r]
     if waiting:
         print(f"FID still to score for {', '.join(waiting)}: get the Inception network (tools/fid.py --help) and rerun")
