@@ -1,6 +1,6 @@
-"""The machinery around the training step, kept out of the method's files: devices and DDP,
-compile, the run folder (lock, config, log, checkpoints), atomic writes, Ctrl-C and the loss meter.
-Nothing here changes what is computed; train.py reads without it.
+"""The machinery around the training step, kept out of the method's files: the run folder
+(lock, config, log, checkpoints), atomic writes, Ctrl-C, the loss meter and one-line errors.
+Nothing here changes what is computed; train.py reads without it. (devices.py: CUDA, DDP, compile.)
 """
 import io
 import json
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 try:
@@ -107,7 +106,8 @@ def finite(value, flag, low=None, high=None):
     """A number flag, checked: finite and in [low, high]; a FlagError names the flag otherwise."""
     if value is not None and not (math.isfinite(value) and (low is None or value >= low)
                                   and (high is None or value <= high)):
-        span = f" in [{low:g}, {high:g}]" if high is not None else f" >= {low:g}" if low is not None else ""
+        span = (f" in [{low:g}, {high:g}]" if high is not None else
+                f" >= {low:g}" if low is not None else "")
         raise FlagError(f"{flag} {value} must be a finite number{span}")
     return value
 
@@ -117,7 +117,8 @@ def read_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file; pass the ckpt.pt of a run (runs/<name>/ckpt.pt)")
+        raise CheckpointError(f"{path}: no such file; pass the ckpt.pt of a run "
+                              "(runs/<name>/ckpt.pt)")
     except Exception as e:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}); "
                               "pass the ckpt.pt of a umd run")
@@ -140,64 +141,10 @@ def parse_log_line(line):
 
 
 def read_log(path):
-    return [r for r in map(parse_log_line, Path(path).read_text(errors="replace").splitlines()) if r]
-
-
-# ----------------------------------------------------------------------------- devices
-def setup_device(choice):
-    """(device, rank, world). Under torchrun: one process per GPU (NCCL), or gloo on CPUs."""
-    cuda = torch.cuda.is_available()
-    if choice == "cuda" and not cuda:
-        raise TrainError("--device cuda but no CUDA device is available; use --device cpu")
-    kind = "cuda" if choice == "cuda" or (choice == "auto" and cuda) else "cpu"
-    rank, world = 0, 1
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    if kind == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        return torch.device("cuda", torch.cuda.current_device()), rank, world
-    return torch.device("cpu"), rank, world
-
-
-def noise_free_share(batch_size, r_t0, rank, world):
-    """This rank's share of the int(B * r_t0) noise-free images of the global batch B."""
-    n = int(batch_size * r_t0)
-    return n // world + (rank < n % world)
-
-
-class DDP(DistributedDataParallel):
-    """DDP that lends its network's attributes (patch_size, num_classes), as torch.compile's
-    wrapper does, so that the loss reads them through any wrapper."""
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(self.module, name)
-
-
-def wrap(model, device, world, use_compile, unused_params):
-    """DDP (several processes) and torch.compile around the same weights."""
-    if world > 1:
-        # DDP must not talk in forward: ranks may run one forward or two (the model has no
-        # buffers to sync). static_graph: the mask token gets no gradient on a rank with nothing
-        # masked (find_unused_parameters walks only the last of two forwards, and fails).
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    static_graph=unused_params)
-    if use_compile:  # static shapes: each group of a UMD step has a fixed token count, so 2 graphs
-        model = torch.compile(model, dynamic=False)
-    return model
-
-
-def unwrap(model):
-    """The plain network inside torch.compile (._orig_mod) and DDP (.module) wrappers."""
-    while "_orig_mod" in model._modules or isinstance(model, DistributedDataParallel):
-        model = model._modules.get("_orig_mod") or model.module
-    return model
+    """The records of a log.jsonl (none for a missing file)."""
+    path = Path(path)
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return [r for r in map(parse_log_line, lines) if r]
 
 
 class LossMeter:
@@ -231,7 +178,7 @@ class LossMeter:
         self.steps += 1
 
     def read(self, world):
-        """(mean loss, loss_t0, loss_t over the interval and the ranks, steps, seconds, bad step)."""
+        """(mean loss, loss_t0, loss_t over the interval and ranks, steps, seconds, bad step)."""
         if world > 1:
             for t in (self.sums, self.counts):
                 dist.all_reduce(t)
@@ -252,7 +199,8 @@ def claim(out):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise TrainError(f"{out} is in use by another run; wait for it to end or pass another --out")
+            raise TrainError(f"{out} is in use by another run; wait for it to end or pass "
+                             "another --out")
     return lock
 
 
@@ -264,20 +212,22 @@ class Run:
     def __init__(self, out, lock, info, resumed, world, device, stop_step):
         self.out, self.lock, self.world, self.device = Path(out), lock, world, device
         self.main = main_process = lock is not None
-        self.ckpt, self.step, self.steps_per_epoch = self.out / "ckpt.pt", info["step"], info["steps_per_epoch"]
+        self.ckpt, self.step = self.out / "ckpt.pt", info["step"]
+        self.steps_per_epoch = info["steps_per_epoch"]
         self.saved_step = self.step if resumed else None  # the checkpoint on disk
         self.meter, self.stop, self.last_save = LossMeter(device), False, time.time()
         if main_process:  # the log: empty for a new run; on resume, cut back to the checkpoint
             save_atomic(json.dumps(info, indent=2) + "\n", self.out / "config.json")
             log = self.out / "log.jsonl"
-            kept = [r for r in read_log(log) if r["step"] <= self.step] if resumed and log.exists() else []
+            kept = [r for r in read_log(log) if r["step"] <= self.step] if resumed else []
             save_atomic("".join(json.dumps(r) + "\n" for r in kept), log)
         self.log_file = open(self.out / "log.jsonl" if main_process else os.devnull, "a")
         self.bar = tqdm(total=stop_step, initial=self.step, disable=not main_process,
                         desc=self.out.name, unit="step", dynamic_ncols=True)
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        signals = (signal.SIGINT, signal.SIGTERM)
+        self.previous = {s: signal.signal(s, self._on_signal) for s in signals}
         return self
 
     def _on_signal(self, signum, frame):
@@ -294,7 +244,8 @@ class Run:
         if kind is KeyboardInterrupt:  # a second Ctrl-C: no time to save
             kept = (f"{self.ckpt} (step {self.saved_step}) is kept" if self.saved_step is not None
                     else "no checkpoint was written yet")
-            print(f"train.py: aborted at step {self.step} by a second Ctrl-C; {kept}", file=sys.stderr)
+            print(f"train.py: aborted at step {self.step} by a second Ctrl-C; {kept}",
+                  file=sys.stderr)
             raise SystemExit(130)
 
     def add(self, step, loss, stats):
@@ -376,32 +327,3 @@ def check_same_data(resumed, data, path):
                          if saved.get(k) != data.get(k))
         raise TrainError(f"--resume: the data differ from the run's ({diff}); pass the run's "
                          f"--data-dir or start a new run ({path})")
-
-
-_COMPILE_CHECKED = set()  # (device type, backend) pairs that passed compile_preflight
-
-
-def compile_preflight(device, backend="inductor"):
-    """Before the first step: torch.compile a tiny network on `device`, forward and backward.
-    Where the compiler stack cannot work (no Triton, no C compiler, a broken CUDA toolchain) the
-    first training step would end in a long BackendCompilerFailed traceback; this stops first,
-    with one line that names --no-compile. Once per process, device type and backend."""
-    if (device.type, backend) in _COMPILE_CHECKED:
-        return
-    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1)).to(device)
-    try:
-        loss = torch.compile(net, backend=backend, dynamic=False, fullgraph=True)(
-            torch.randn(8, 16, device=device)).square().mean()
-        loss.backward()
-        if not torch.isfinite(loss).item():
-            raise RuntimeError("a non-finite result from a finite input")
-    except Exception as e:  # the innermost cause says what is missing
-        for _ in range(8):
-            inner = getattr(e, "inner_exception", None) or e.__cause__
-            if not isinstance(inner, Exception):
-                break
-            e = inner
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:240]
-        raise TrainError(f"torch.compile does not work on this machine ({type(e).__name__}: {reason}); "
-                         "pass --no-compile to train without it") from None
-    _COMPILE_CHECKED.add((device.type, backend))

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from corruption import cosine_alphas_cumprod, q_sample
 from data import DataError, Stream, derive_seed, load_dataset, to_float
-from machinery import CheckpointError, FlagError, command_line, save_atomic, unwrap, writable
+from devices import unwrap
+from machinery import CheckpointError, FlagError, command_line, save_atomic, writable
 from model import CLEAN, load_checkpoint, time_input
 
 NOISE_BLOCK = 1000  # feature noise is drawn per fixed block of images: independent of batch size

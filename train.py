@@ -22,8 +22,9 @@ from tqdm import tqdm
 from config import NOISY_READOUT_T, ConfigError, get_args, resolve
 from corruption import cosine_alphas_cumprod, umd_loss
 from data import Batches, DataError, Stream, derive_seed, load_dataset_once, to_float
+from devices import noise_free_share, setup_device, wrap
 from machinery import (CheckpointError, FlagError, Run, TrainError, check_same_data, checkpoint,
-                       claim, command_line, noise_free_share, read_checkpoint, setup_device, wrap)
+                       claim, command_line, read_checkpoint)
 from model import UMDModel, no_decay
 from probe import QuickProbe
 from sample import reconstruction_rows, save_grid
@@ -122,9 +123,6 @@ def train(args):
     idle_mask_token = (noise_free_share(args.batch_size, args.r_t0, world - 1, world) == 0
                        and args.mask_ratio == 0)
     net = wrap(model, device, world, use_compile, idle_mask_token)
-    if use_compile and device.type == "cuda":  # no Triton or C compiler: one line, no traceback
-        from machinery import compile_preflight
-        compile_preflight(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # loss scaling, fp16 only
     if resumed and resumed.get("scaler"):
         scaler.load_state_dict(resumed["scaler"])

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
+import devices
 import machinery
 import train
 from conftest import ROOT, run_script, write_cifar
@@ -40,7 +41,7 @@ def pretrained(data_dir, tmp_path_factory):
 
 @pytest.fixture
 def aot_eager(monkeypatch):
-    """torch.compile as machinery.wrap calls it, on the aot_eager backend, from an empty cache."""
+    """torch.compile as devices.wrap calls it, on the aot_eager backend, from an empty cache."""
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, **{**kw, "backend": "aot_eager"}))
     torch._dynamo.reset()
@@ -190,7 +191,7 @@ def one_process_doing_both_ranks(argv, steps):
         for rank in (0, 1):
             gen.manual_seed(derive_seed(args.seed, Stream.STEP, step, rank))
             x0, _ = batches[rank].get(step, gen)
-            loss, _ = umd_loss(model, x0, r_t0=args.r_t0, n0=machinery.noise_free_share(args.batch_size, args.r_t0, rank, 2),
+            loss, _ = umd_loss(model, x0, r_t0=args.r_t0, n0=devices.noise_free_share(args.batch_size, args.r_t0, rank, 2),
                                mask_ratio=args.mask_ratio, mask_ratio_t0=args.mask_ratio_t0, alphas_cumprod=ac,
                                generator=gen)
             (loss / 2).backward()
@@ -225,13 +226,13 @@ def test_ddp_with_compile_on_two_gloo_processes_matches_one_process(data_dir, tm
 
 def test_compile_preflight(monkeypatch):
     cpu = torch.device("cpu")
-    machinery.compile_preflight(cpu, "aot_eager")  # a working compiler stack: nothing to say
+    devices.compile_preflight(cpu, "aot_eager")  # a working compiler stack: nothing to say
 
     def no_triton(gm, example_inputs):
         raise RuntimeError("Cannot find a working triton installation. Either the package is not installed or "
                            "it is too old.\nMore information on installing Triton can be found at ...")
 
     with pytest.raises(machinery.TrainError) as e:
-        machinery.compile_preflight(cpu, no_triton)
+        devices.compile_preflight(cpu, no_triton)
     message = str(e.value)
     assert "\n" not in message and "--no-compile" in message and "Cannot find a working triton" in message

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import devices
 import machinery
 import train
 from conftest import run_script
@@ -76,13 +77,13 @@ def test_the_step_never_waits_for_the_host(tmp_path):
 
 
 def test_compile_preflight_works_here_and_a_failure_is_one_line(tmp_path, cifar_dir, monkeypatch, capsys):
-    machinery.compile_preflight(torch.device("cuda"))  # Triton and a C compiler are here
+    devices.compile_preflight(torch.device("cuda"))  # Triton and a C compiler are here
 
     def broken(device, backend="inductor"):
         raise machinery.TrainError("torch.compile does not work on this machine (RuntimeError: no Triton); "
                                    "pass --no-compile to train without it")
 
-    monkeypatch.setattr(machinery, "compile_preflight", broken)
+    monkeypatch.setattr(devices, "compile_preflight", broken)
     with pytest.raises(SystemExit) as e:
         train.main(list(map(str, ["--data-dir", cifar_dir, "--model", "tiny", "--patch-size", "4", "--batch-size", "32",
                                   "--max-steps", "1", "--probe-every", "0", "--compile", "--out", tmp_path / "run"])))

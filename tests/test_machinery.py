@@ -17,7 +17,8 @@ from PIL import Image
 import machinery
 import train
 from conftest import ROOT, run_script, write_cifar
-from machinery import claim, noise_free_share, read_log, save_atomic
+from devices import noise_free_share
+from machinery import claim, read_log, save_atomic
 
 TINY = ["--model", "tiny", "--patch-size", "8", "--batch-size", "32", "--epochs", "2",
         "--probe-every", "0", "--device", "cpu", "--log-every", "1"]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from corruption import cosine_alphas_cumprod, random_masking, umd_loss
-from machinery import CheckpointError, unwrap
+from devices import unwrap
+from machinery import CheckpointError
 from model import SIZES, build_model, load_checkpoint
 
 torch.manual_seed(0)

@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from config import METHODS  # noqa: E402
 from corruption import cosine_alphas_cumprod, umd_loss  # noqa: E402
 from data import Batches  # noqa: E402
-from machinery import LossMeter, TrainError, compile_preflight, save_atomic  # noqa: E402
+from devices import compile_preflight  # noqa: E402
+from machinery import LossMeter, TrainError, save_atomic  # noqa: E402
 from model import SIZES, build_model, no_decay  # noqa: E402
 
 PEAK_BF16 = {"A100": 312e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}  # dense TFLOP/s

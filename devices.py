@@ -1,0 +1,98 @@
+"""Where the step runs: the device, DDP processes (each with its share of the batch) and
+torch.compile, with a check that compile works before the first step. Like machinery.py, nothing
+here changes what is computed.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from machinery import TrainError
+
+
+def setup_device(choice):
+    """(device, rank, world). Under torchrun: one process per GPU (NCCL), or gloo on CPUs."""
+    cuda = torch.cuda.is_available()
+    if choice == "cuda" and not cuda:
+        raise TrainError("--device cuda but no CUDA device is available; use --device cpu")
+    kind = "cuda" if choice == "cuda" or (choice == "auto" and cuda) else "cpu"
+    rank, world = 0, 1
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if kind == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda", torch.cuda.current_device()), rank, world
+    return torch.device("cpu"), rank, world
+
+
+def noise_free_share(batch_size, r_t0, rank, world):
+    """This rank's share of the int(B * r_t0) noise-free images of the global batch B."""
+    n = int(batch_size * r_t0)
+    return n // world + (rank < n % world)
+
+
+class DDP(DistributedDataParallel):
+    """DDP that lends its network's attributes (patch_size, num_classes), as torch.compile's
+    wrapper does, so that the loss reads them through any wrapper."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
+
+
+def wrap(model, device, world, use_compile, unused_params):
+    """DDP (several processes) and torch.compile around the same weights."""
+    if world > 1:
+        # DDP must not talk in forward: ranks may run one forward or two (the model has no
+        # buffers to sync). static_graph: the mask token gets no gradient on a rank with nothing
+        # masked (find_unused_parameters walks only the last of two forwards, and fails).
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    static_graph=unused_params)
+    if use_compile:  # static shapes: each group of a UMD step has a fixed token count, so 2 graphs
+        if device.type == "cuda":  # no Triton or C compiler: one line now, not a traceback later
+            compile_preflight(device)
+        model = torch.compile(model, dynamic=False)
+    return model
+
+
+def unwrap(model):
+    """The plain network inside torch.compile (._orig_mod) and DDP (.module) wrappers."""
+    while "_orig_mod" in model._modules or isinstance(model, DistributedDataParallel):
+        model = model._modules.get("_orig_mod") or model.module
+    return model
+
+
+_COMPILE_CHECKED = set()  # (device type, backend) pairs that passed compile_preflight
+
+
+def compile_preflight(device, backend="inductor"):
+    """Compile a tiny network on `device`, forward and backward, once per process: where the
+    compiler stack cannot work (no Triton, no C compiler), stop with one line that names
+    --no-compile instead of a long traceback at the first step."""
+    if (device.type, backend) in _COMPILE_CHECKED:
+        return
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 1)).to(device)
+    try:
+        loss = torch.compile(net, backend=backend, dynamic=False, fullgraph=True)(
+            torch.randn(8, 16, device=device)).square().mean()
+        loss.backward()
+        if not torch.isfinite(loss).item():
+            raise RuntimeError("a non-finite result from a finite input")
+    except Exception as e:  # the innermost cause says what is missing
+        for _ in range(8):
+            inner = getattr(e, "inner_exception", None) or e.__cause__
+            if not isinstance(inner, Exception):
+                break
+            e = inner
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:240]
+        raise TrainError(f"torch.compile does not work on this machine ({type(e).__name__}: "
+                         f"{reason}); pass --no-compile to train without it") from None
+    _COMPILE_CHECKED.add((device.type, backend))
