@@ -291,6 +291,8 @@ def main(argv=None):
         args.amp = args.amp or ("bf16" if cuda else "off")
         if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
             raise BenchError("--batch-size must be at least 2, --steps at least 1, --warmup at least 0")
+        if args.patch_size < 1 or 32 % args.patch_size:
+            raise BenchError(f"--patch-size {args.patch_size} must divide the 32-pixel image (2, 4, 8)")
         if args.amp == "fp16" and not cuda:
             raise BenchError("--amp fp16 needs CUDA; use --amp bf16 or off on the CPU")
         runs = runs_of(args)
