@@ -1,9 +1,9 @@
 """Time training steps, count their FLOPs, and say what torch.compile did with them.
 
     python tools/bench.py --compare --model tiny --patch-size 4 --device cpu
-    python tools/bench.py --compare --batch-size 1024              # small/2, compile + bf16 on a GPU
-    python tools/bench.py --runs umd,dit,umd:eager --json b.json   # the bench of tools/gpu_check.sh
-    python tools/bench.py --machine                                # what compile needs, and a compile check
+    python tools/bench.py --compare --batch-size 1024  # small/2, compile + bf16 on a GPU
+    python tools/bench.py --runs umd,dit,umd:eager --json b.json  # the bench of tools/gpu_check.sh
+    python tools/bench.py --machine  # what compile needs, and a compile check
 
 A run times train.py's step as it runs between two log points: the batch drawn and augmented on
 the device, the learning rate set (it changes every step, as in the warm-up), forward (the UMD
@@ -51,15 +51,17 @@ class BenchError(Exception):
     """Bad flags: one line, exit status 2."""
 
 
-def forward_flops(size, patch_size, img_size=32, channels=3, n_keep=None, conditional=False, num_cls_tokens=4):
+def forward_flops(size, patch_size, img_size=32, channels=3, n_keep=None, conditional=False,
+                  num_cls_tokens=4):
     """FLOPs of one image's forward pass with n_keep visible patches (None = all)."""
     d, depth, dec_depth, _ = SIZES[size]
     L = (img_size // patch_size) ** 2
     n_keep = L if n_keep is None else n_keep
     pp = patch_size * patch_size * channels
-    block = lambda N: 24 * N * d * d + 4 * N * N * d + 12 * d * d  # qkv 6, proj 2, MLP 16; attention; adaLN
+    # qkv 6, proj 2, MLP 16; attention; adaLN
+    block = lambda N: 24 * N * d * d + 4 * N * N * d + 12 * d * d
     return (depth * block(num_cls_tokens + n_keep) + dec_depth * block(1 + L)
-            + 2 * L * pp * d + 2 * L * d * 2 * pp + 4 * d * d  # patch embedding, head, final modulation
+            + 2 * L * pp * d + 2 * L * d * 2 * pp + 4 * d * d  # patch embedding, head, final adaLN
             + 8 * d * d * (2 if conditional else 1))  # time (and label) MLPs
 
 
@@ -87,7 +89,8 @@ def compile_counts():
 
 @contextlib.contextmanager
 def sync_watch(on):
-    """The host-device synchronisations CUDA reports meanwhile (a list of messages; None off CUDA)."""
+    """The host-device synchronisations CUDA reports meanwhile
+    (a list of messages; None off CUDA)."""
     if not on:
         yield None
         return
@@ -99,27 +102,32 @@ def sync_watch(on):
             yield seen
         finally:
             torch.cuda.set_sync_debug_mode(0)
-            seen += [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+            seen += [str(w.message).splitlines()[0] for w in caught
+                     if "synchroniz" in str(w.message)]
 
 
 def bench(method, compiled, args, device):
-    """One run: the first step, args.warmup more, then args.steps timed; returns a dict of results."""
+    """One run: the first step, args.warmup more, then args.steps timed;
+    returns a dict of results."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    torch._dynamo.reset()  # an empty compile cache: this run's graphs only, and no recompile limit reached
+    torch._dynamo.reset()  # an empty compile cache: this run's graphs only, no recompile limit
     preset = dict(METHODS[method])
     model = build_model(args.model, args.patch_size).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    groups = [dict(params=[p for n, p in model.named_parameters() if not no_decay(n)], weight_decay=0.05),
-              dict(params=[p for n, p in model.named_parameters() if no_decay(n)], weight_decay=0.0)]
+    groups = [
+        dict(params=[p for n, p in model.named_parameters() if not no_decay(n)], weight_decay=0.05),
+        dict(params=[p for n, p in model.named_parameters() if no_decay(n)], weight_decay=0.0),
+    ]
     opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     net = torch.compile(model, dynamic=False, backend=args.backend) if compiled else model
     ac = cosine_alphas_cumprod().to(device)
     total = 1 + args.warmup + args.steps
     # random uint8 images, enough for every step in one epoch (no data-order reshuffle mid-way)
     images = torch.randint(0, 256, (args.batch_size * total, 3, 32, 32), dtype=torch.uint8)
-    batches = Batches(images, torch.zeros(len(images), dtype=torch.long), args.batch_size, 0, device)
+    batches = Batches(images, torch.zeros(len(images), dtype=torch.long),
+                      args.batch_size, 0, device)
     meter, gen = LossMeter(device), torch.Generator(device)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
@@ -161,24 +169,26 @@ def bench(method, compiled, args, device):
             end.synchronize()
         seconds = start.elapsed_time(end) / 1000 if cuda else time.perf_counter() - t
     graphs2, breaks2 = compile_counts()
-    mem = (torch.cuda.max_memory_allocated() if cuda
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30  # peak RSS on the CPU
+    mem = (torch.cuda.max_memory_allocated() if cuda  # on the CPU: peak RSS
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
     (loss, _, _), _, _, bad = meter.read(1)
     if bad >= 0:
         raise RuntimeError(f"the loss became non-finite at step {bad}")
     flops, tokens = step_flops(args.model, args.patch_size, **preset)
     img_s = args.steps * args.batch_size / seconds
     peak = peak_flops(device)
-    return dict(method=method, compiled=compiled, tokens=tokens, gflop=flops / 1e9, first_step_s=first, img_s=img_s,
-                ms=1000 * seconds / args.steps, mem_gib=mem, tflop_s=flops * img_s / 1e12,
-                mfu=None if peak is None else flops * img_s / peak, loss=loss,
-                graphs=graphs1 - graphs0 if compiled else None, recompiles=graphs2 - graphs1 if compiled else None,
+    return dict(method=method, compiled=compiled, tokens=tokens, gflop=flops / 1e9,
+                first_step_s=first, img_s=img_s, ms=1000 * seconds / args.steps, mem_gib=mem,
+                tflop_s=flops * img_s / 1e12, mfu=None if peak is None else flops * img_s / peak,
+                loss=loss, graphs=graphs1 - graphs0 if compiled else None,
+                recompiles=graphs2 - graphs1 if compiled else None,
                 graph_breaks=breaks2 - breaks0 if compiled else None,
                 syncs=None if syncs is None else len(syncs), sync_first=(syncs or [None])[0])
 
 
 def runs_of(args):
-    """(method, compiled, label) of each run: --runs, else --compare's four methods, else --method."""
+    """(method, compiled, label) of each run: --runs, else --compare's four methods,
+    else --method."""
     if args.runs:
         items = [s.strip() for s in args.runs.split(",") if s.strip()]
     else:
@@ -189,7 +199,8 @@ def runs_of(args):
         if method not in METHODS or mode not in ("", "compile", "eager"):
             raise BenchError(f"--runs: {item!r} is not METHOD or METHOD:compile or METHOD:eager "
                              f"(methods: {', '.join(METHODS)})")
-        runs.append((method, args.compile if not mode else mode == "compile", f"{method} {mode}" if mode else method))
+        runs.append((method, args.compile if not mode else mode == "compile",
+                     f"{method} {mode}" if mode else method))
     if not runs:
         raise BenchError("--runs names no run")
     return runs
@@ -205,16 +216,20 @@ def machine(device, backend):
                 pass
         return None
     cuda = device.type == "cuda"
-    info = dict(device=torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)",
-                torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                triton=version("triton", "pytorch-triton"),
-                c_compiler=next(filter(None, map(shutil.which, (os.environ.get("CC") or "cc", "gcc", "clang"))), None),
-                backend=backend)
+    info = dict(
+        device=torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)",
+        torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+        triton=version("triton", "pytorch-triton"),
+        c_compiler=next(
+            filter(None, map(shutil.which, (os.environ.get("CC") or "cc", "gcc", "clang"))), None),
+        backend=backend)
     if cuda:
         props = torch.cuda.get_device_properties(device)
-        info.update(capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2 ** 30, 1),
-                    bf16=torch.cuda.is_bf16_supported(), cudnn=torch.backends.cudnn.version(),
-                    peak_bf16_tflops=None if peak_flops(device) is None else peak_flops(device) / 1e12)
+        info.update(
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2 ** 30, 1),
+            bf16=torch.cuda.is_bf16_supported(), cudnn=torch.backends.cudnn.version(),
+            peak_bf16_tflops=None if peak_flops(device) is None else peak_flops(device) / 1e12)
     t = time.perf_counter()
     try:
         compile_preflight(device, backend)
@@ -229,17 +244,19 @@ def table(rows, cuda):
     ok = [r for r in rows if "error" not in r]
     ref = next((r for r in ok if r["method"] == "dit"), None)
     mem_label = "peak GiB" if cuda else "RSS GiB"
-    lines = [f"| method | enc. tokens/img | GFLOP/img | img/s | ms/step | {mem_label} | TFLOP/s | MFU | first step s | "
-             "graphs | recompiles | graph breaks | syncs |" + (" time/img vs dit | FLOPs/img vs dit |" if ref else ""),
+    lines = [f"| method | enc. tokens/img | GFLOP/img | img/s | ms/step | {mem_label} | "
+             "TFLOP/s | MFU | first step s | graphs | recompiles | graph breaks | syncs |"
+             + (" time/img vs dit | FLOPs/img vs dit |" if ref else ""),
              "|---" * (13 + 2 * bool(ref)) + "|"]
     dash = lambda v, f="{}": "-" if v is None else f.format(v)
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} |")
             continue
-        line = (f"| {r['label']} | {r['tokens']:.0f} | {r['gflop']:.2f} | {r['img_s']:.0f} | {r['ms']:.1f} | "
-                f"{r['mem_gib']:.2f} | {r['tflop_s']:.2f} | {dash(r['mfu'] and 100 * r['mfu'], '{:.1f}%')} | "
-                f"{r['first_step_s']:.1f} | {dash(r['graphs'])} | {dash(r['recompiles'])} | {dash(r['graph_breaks'])} | "
+        line = (f"| {r['label']} | {r['tokens']:.0f} | {r['gflop']:.2f} | {r['img_s']:.0f} | "
+                f"{r['ms']:.1f} | {r['mem_gib']:.2f} | {r['tflop_s']:.2f} | "
+                f"{dash(r['mfu'] and 100 * r['mfu'], '{:.1f}%')} | {r['first_step_s']:.1f} | "
+                f"{dash(r['graphs'])} | {dash(r['recompiles'])} | {dash(r['graph_breaks'])} | "
                 f"{dash(r['syncs'])} |")
         if ref:  # cost ratios: time per image and FLOPs per image, relative to dit
             line += f" {ref['img_s'] / r['img_s']:.2f}x | {r['gflop'] / ref['gflop']:.2f}x |"
@@ -248,24 +265,33 @@ def table(rows, cuda):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=list(METHODS), default="umd")
-    p.add_argument("--compare", action="store_true", help="umd, mae, dit and maskdit with the same network, one table")
-    p.add_argument("--runs", help="comma-separated runs, each METHOD, METHOD:compile or METHOD:eager "
-                   "(e.g. umd,dit,umd:eager); overrides --method and --compare")
-    p.add_argument("--machine", action="store_true", help="only say what torch.compile needs here (Triton, a C "
-                   "compiler) and check that it works, as train.py does before its first step; exit 1 if not")
+    p.add_argument("--compare", action="store_true",
+                   help="umd, mae, dit and maskdit with the same network, one table")
+    p.add_argument("--runs", help="comma-separated runs, each METHOD, METHOD:compile or "
+                   "METHOD:eager (e.g. umd,dit,umd:eager); overrides --method and --compare")
+    p.add_argument("--machine", action="store_true",
+                   help="only say what torch.compile needs here (Triton, a C compiler) and check "
+                   "that it works, as train.py does before its first step; exit 1 if not")
     p.add_argument("--model", choices=list(SIZES), default="small")
     p.add_argument("--patch-size", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=None, help="default 1024 on CUDA, 128 on the CPU")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 5 on the CPU)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default 1024 on CUDA, 128 on the CPU")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps (default 20 on CUDA, 5 on the CPU)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps after the first one (default 5 on CUDA, 1 on the CPU)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
-    p.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor, as train.py)")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None, help="default bf16 on CUDA, off on the CPU")
-    p.add_argument("--json", metavar="PATH", help="also write every number here (rewritten after each run)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on with CUDA")
+    p.add_argument("--backend", default="inductor",
+                   help="torch.compile backend (default inductor, as train.py)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
+                   help="default bf16 on CUDA, off on the CPU")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write every number here (rewritten after each run)")
     return p.parse_args(argv)
 
 
@@ -274,7 +300,8 @@ def main(argv=None):
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise BenchError("--device cuda but no CUDA device is available; use --device cpu")
-        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        device = torch.device(
+            "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
         cuda = device.type == "cuda"
         if cuda:  # as train.py
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -284,33 +311,40 @@ def main(argv=None):
             if args.json:
                 save_atomic(json.dumps(info, indent=2) + "\n", args.json)
             return 0 if info["compile"] == "ok" else 1
-        args.batch_size = args.batch_size if args.batch_size is not None else (1024 if cuda else 128)
+        args.batch_size = (args.batch_size if args.batch_size is not None
+                           else (1024 if cuda else 128))
         args.steps = args.steps if args.steps is not None else (20 if cuda else 5)
         args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
         args.compile = cuda if args.compile is None else args.compile
         args.amp = args.amp or ("bf16" if cuda else "off")
         if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
-            raise BenchError("--batch-size must be at least 2, --steps at least 1, --warmup at least 0")
+            raise BenchError("--batch-size must be at least 2, --steps at least 1, "
+                             "--warmup at least 0")
         if args.patch_size < 1 or 32 % args.patch_size:
-            raise BenchError(f"--patch-size {args.patch_size} must divide the 32-pixel image (2, 4, 8)")
+            raise BenchError(f"--patch-size {args.patch_size} must divide the 32-pixel image "
+                             "(2, 4, 8)")
         if args.amp == "fp16" and not cuda:
             raise BenchError("--amp fp16 needs CUDA; use --amp bf16 or off on the CPU")
         runs = runs_of(args)
     except BenchError as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    head = (f"# {name}; {args.model}/p{args.patch_size}, batch {args.batch_size}, amp {args.amp}, backend "
-            f"{args.backend}; {args.steps} timed steps after 1 + {args.warmup}; torch {torch.__version__}")
+    name = (torch.cuda.get_device_name(device) if cuda
+            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+    head = (f"# {name}; {args.model}/p{args.patch_size}, batch {args.batch_size}, "
+            f"amp {args.amp}, backend {args.backend}; "
+            f"{args.steps} timed steps after 1 + {args.warmup}; torch {torch.__version__}")
     print(head, flush=True)
     rows, record = [], dict(device=name, torch=torch.__version__, settings={
-        k: getattr(args, k) for k in ("model", "patch_size", "batch_size", "steps", "warmup", "amp", "backend")})
+        k: getattr(args, k)
+        for k in ("model", "patch_size", "batch_size", "steps", "warmup", "amp", "backend")})
     for method, compiled, label in runs:
         try:
             row = dict(bench(method, compiled, args, device), label=label)
-        except Exception as e:  # one failed run (a compile error, out of memory) does not stop the others
+        except Exception as e:  # one failed run (compile error, OOM) does not stop the others
             reason = next((l for l in str(e).splitlines() if l.strip()), "")[:200]
-            row = dict(method=method, compiled=compiled, label=label, error=f"{type(e).__name__}: {reason}")
+            row = dict(method=method, compiled=compiled, label=label,
+                       error=f"{type(e).__name__}: {reason}")
             print(f"bench.py: {label} failed: {row['error']}", file=sys.stderr, flush=True)
         rows.append(row)
         if args.json:  # after every run: a stage stopped at its time limit keeps what it measured

@@ -3,7 +3,8 @@ same network, schedule, batch, seed and data order (only the method preset diffe
 probed, fine-tuned with labels, sampled and scored.
 
     python tools/compare.py --preset cpu     # tiny/4 on 2 CPU cores, 2.4 hours (README)
-    python tools/compare.py --preset gpu     # small/2 on one H100/H200: about 27 min estimated, not yet run
+    python tools/compare.py --preset gpu     # small/2 on one H100/H200: about 27 min estimated,
+                                             # not yet run
     python tools/compare.py --model tiny --patch-size 8 --epochs 0.05 --finetune-epochs 0.02 --fid 0
 
 For each method, one stage after another, each writing its result into OUT/<method>/:
@@ -58,14 +59,15 @@ from tools.fid import FIDError, Inception, fid_of_images  # noqa: E402
 # start is left at the end (0.97 ** 117 steps on the cpu, 0.99 ** 390 on the gpu).
 PRESETS = dict(
     cpu=dict(model="tiny", patch_size=4, batch_size=128, lr=1e-3, epochs=1.0, finetune_epochs=0.3,
-             finetune_batch_size=128, finetune_lr=5e-4, finetune_ema_decay=0.97, fid=1000, fid_steps=25,
-             cfg_scale=2.0, device="cpu"),
-    gpu=dict(model="small", patch_size=2, batch_size=1024, lr=1.5e-4, epochs=8.0, finetune_epochs=2.0,
-             finetune_batch_size=256, finetune_lr=1.5e-4, finetune_ema_decay=0.99, fid=10000, fid_steps=50,
-             cfg_scale=2.0, device="cuda"),
+             finetune_batch_size=128, finetune_lr=5e-4, finetune_ema_decay=0.97, fid=1000,
+             fid_steps=25, cfg_scale=2.0, device="cpu"),
+    gpu=dict(model="small", patch_size=2, batch_size=1024, lr=1.5e-4, epochs=8.0,
+             finetune_epochs=2.0, finetune_batch_size=256, finetune_lr=1.5e-4,
+             finetune_ema_decay=0.99, fid=10000, fid_steps=50, cfg_scale=2.0, device="cuda"),
 )
 PICTURE_PER_CLASS = 8  # samples per class drawn in compare.png
-RUNTIME = ("methods", "data_dir", "device", "out", "compile")  # may differ between runs of one comparison
+# may differ between runs of one comparison
+RUNTIME = ("methods", "data_dir", "device", "out", "compile")
 # What gpu_estimate() assumes, each an assumption until a GPU run measures it: one H100/H200 at 989
 # dense bf16 TFLOP/s; compiled training at 30% of it, eager bf16 sampling at 20%; a minute to
 # compile each graph from an empty cache (umd and mae fine-tunes have 2, one per group); Inception
@@ -78,19 +80,26 @@ GPU_ASSUMED = dict(peak_flops=989e12, train_mfu=0.30, sample_mfu=0.20, compile_s
 def gpu_estimate(p, methods=tuple(config.METHODS), train_images=50000, a=GPU_ASSUMED):
     """Minutes of each part of a comparison with settings p (a preset's dict, or vars(args)) on one
     H100/H200: FLOPs at an assumed MFU, cold compiles, guided sampling and FID. An estimate."""
-    minutes = dict.fromkeys(("pre-training", "fine-tuning", "compilation", "probes", "sampling", "FID", "start-up"), 0.0)
+    minutes = dict.fromkeys(("pre-training", "fine-tuning", "compilation", "probes", "sampling",
+                             "FID", "start-up"), 0.0)
     train_speed, sample_speed = a["peak_flops"] * a["train_mfu"], a["peak_flops"] * a["sample_mfu"]
-    call = 2 * forward_flops(p["model"], p["patch_size"], conditional=True)  # guidance: 2 images a call
+    # guidance: 2 images a call
+    call = 2 * forward_flops(p["model"], p["patch_size"], conditional=True)
     for m in methods:
         pre, ft = config.METHODS[m], {**config.METHODS[m], **config.FINETUNE_METHODS[m]}
-        minutes["pre-training"] += p["epochs"] * train_images * step_flops(p["model"], p["patch_size"], **pre)[0] / train_speed
+        minutes["pre-training"] += (p["epochs"] * train_images
+                                    * step_flops(p["model"], p["patch_size"], **pre)[0]
+                                    / train_speed)
         minutes["fine-tuning"] += (p["finetune_epochs"] * train_images
                                    * step_flops(p["model"], p["patch_size"], **ft)[0] / train_speed)
-        graphs = sum((s["r_t0"] > 0) + (s["r_t0"] < 1) for s in (pre, ft))  # one per group of the batch
+        # one graph per group of the batch
+        graphs = sum((s["r_t0"] > 0) + (s["r_t0"] < 1) for s in (pre, ft))
         minutes["compilation"] += graphs * a["compile_s_per_graph"]
-        minutes["probes"] += a["probe_s"] * (2 if pre["r_t0"] == 0 else 1)  # dit, maskdit: also at t = 50
+        # dit, maskdit: also at t = 50
+        minutes["probes"] += a["probe_s"] * (2 if pre["r_t0"] == 0 else 1)
         n = p["fid"] or PICTURE_PER_CLASS * len(CIFAR_CLASSES)
-        minutes["sampling"] += n * (p["fid_steps"] + 1) * call / sample_speed  # DDIM steps + the final call
+        # DDIM steps + the final call
+        minutes["sampling"] += n * (p["fid_steps"] + 1) * call / sample_speed
         minutes["FID"] += p["fid"] / a["inception_img_s"]
         minutes["start-up"] += 2 * a["training_overhead_s"]
     if p["fid"]:  # CIFAR-10 train's statistics, once, then cached
@@ -109,32 +118,43 @@ class CompareError(Exception):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="default auto: the --out folder's own, else gpu with CUDA, else cpu. cpu takes 2.4 hours "
-                   f"of 2 cores (measured); gpu {estimate_line(PRESETS['gpu'])}. " + "; ".join(
-                       f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items()) for k, d in PRESETS.items()))
-    p.add_argument("--methods", default="umd,mae,dit,maskdit", help="comma-separated (default umd,mae,dit,maskdit)")
+                   help="default auto: the --out folder's own, else gpu with CUDA, else cpu. "
+                   "cpu takes 2.4 hours of 2 cores (measured); "
+                   f"gpu {estimate_line(PRESETS['gpu'])}. "
+                   + "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items())
+                               for k, d in PRESETS.items()))
+    p.add_argument("--methods", default="umd,mae,dit,maskdit",
+                   help="comma-separated (default umd,mae,dit,maskdit)")
     for key, value in PRESETS["cpu"].items():
         if key != "device":
-            p.add_argument(f"--{key.replace('_', '-')}", type=type(value), choices=list(config.SIZES) if key == "model"
-                           else None, help="from --preset unless given")
-    p.add_argument("--seed", type=int, default=0, help="one seed for every method: same init and data order")
-    p.add_argument("--shots", type=int, default=100, help="few-shot ridge probe: training images per class (default 100)")
-    p.add_argument("--probe-images", type=int, help="training images the probes learn from, equal per class (default: "
-                   "all 50000; 5000 when pre-training is under one epoch, a smoke run, where extracting features "
-                   "would take most of the time; drawn with --seed)")
-    p.add_argument("--data-dir", default="./data", help="where cifar-10-batches-py lives (default ./data)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: the preset's")
+            p.add_argument(f"--{key.replace('_', '-')}", type=type(value),
+                           choices=list(config.SIZES) if key == "model" else None,
+                           help="from --preset unless given")
+    p.add_argument("--seed", type=int, default=0,
+                   help="one seed for every method: same init and data order")
+    p.add_argument("--shots", type=int, default=100,
+                   help="few-shot ridge probe: training images per class (default 100)")
+    p.add_argument("--probe-images", type=int,
+                   help="training images the probes learn from, equal per class (default: all "
+                   "50000; 5000 when pre-training is under one epoch, a smoke run, where "
+                   "extracting features would take most of the time; drawn with --seed)")
+    p.add_argument("--data-dir", default="./data",
+                   help="where cifar-10-batches-py lives (default ./data)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="default: the preset's")
     p.add_argument("--out", help="run folder (default runs/compare-<model>-p<patch>)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile in the trainings (default: train.py's, on with CUDA); --no-compile where "
-                   "train.py says that compile cannot work on the machine")
+                   help="torch.compile in the trainings (default: train.py's, on with CUDA); "
+                   "--no-compile where train.py says that compile cannot work on the machine")
     args = p.parse_args(argv)
     saved = saved_settings(args.out) if args.out else None
     if args.preset == "auto" and saved:  # go on with that comparison, on any machine
         args.preset = saved.get("preset", "auto")
-    preset = "gpu" if args.preset == "gpu" or (args.preset == "auto" and torch.cuda.is_available()) else "cpu"
+    preset = ("gpu" if args.preset == "gpu" or (args.preset == "auto" and torch.cuda.is_available())
+              else "cpu")
     for key, value in PRESETS[preset].items():
         if key != "device" and getattr(args, key) is None:
             setattr(args, key, value)
@@ -166,32 +186,43 @@ def check(args):
         if isinstance(value, float) and not math.isfinite(value):
             raise CompareError(f"--{key.replace('_', '-')} {value} is not a finite number")
     if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise CompareError(f"--out {args.out} is a file; pass a folder (new, or of this comparison)")
+        raise CompareError(f"--out {args.out} is a file; "
+                           "pass a folder (new, or of this comparison)")
     unknown = [m for m in args.methods if m not in config.METHODS]
     if unknown or not args.methods:
-        raise CompareError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(config.METHODS)}")
+        raise CompareError(f"unknown method {', '.join(unknown) or '(none)'}; "
+                           f"choose from {', '.join(config.METHODS)}")
     # Checked before the folder is claimed: a typo must not lock a folder to its settings.
-    if (args.fid < 0 or args.fid % len(CIFAR_CLASSES) or not 1 <= args.fid_steps <= 1000 or args.epochs <= 0
-            or args.finetune_epochs <= 0):
-        raise CompareError("--fid must be 0 or a multiple of the 10 classes, --fid-steps in 1..1000, the epochs positive")
-    if min(args.batch_size, args.finetune_batch_size, args.lr, args.finetune_lr) <= 0 or not 0 <= args.finetune_ema_decay < 1:
-        raise CompareError("the batch sizes and learning rates must be positive, --finetune-ema-decay in [0, 1)")
+    if (args.fid < 0 or args.fid % len(CIFAR_CLASSES) or not 1 <= args.fid_steps <= 1000
+            or args.epochs <= 0 or args.finetune_epochs <= 0):
+        raise CompareError("--fid must be 0 or a multiple of the 10 classes, "
+                           "--fid-steps in 1..1000, the epochs positive")
+    if (min(args.batch_size, args.finetune_batch_size, args.lr, args.finetune_lr) <= 0
+            or not 0 <= args.finetune_ema_decay < 1):
+        raise CompareError("the batch sizes and learning rates must be positive, "
+                           "--finetune-ema-decay in [0, 1)")
     if args.patch_size < 1 or 32 % args.patch_size:
-        raise CompareError(f"--patch-size {args.patch_size} must divide CIFAR-10's 32 pixels (e.g. 2, 4, 8)")
+        raise CompareError(f"--patch-size {args.patch_size} must divide CIFAR-10's 32 pixels "
+                           "(e.g. 2, 4, 8)")
     if not 1 <= args.shots <= 5000:
-        raise CompareError("--shots must be in 1..5000 (CIFAR-10 has 5000 training images per class)")
-    if args.probe_images % len(CIFAR_CLASSES) or not args.shots <= args.probe_images // len(CIFAR_CLASSES) <= 5000:
-        raise CompareError(f"--probe-images must be a multiple of the 10 classes, from 10 x --shots ({10 * args.shots}) "
-                           "to 50000")
+        raise CompareError("--shots must be in 1..5000 "
+                           "(CIFAR-10 has 5000 training images per class)")
+    if (args.probe_images % len(CIFAR_CLASSES)
+            or not args.shots <= args.probe_images // len(CIFAR_CLASSES) <= 5000):
+        raise CompareError("--probe-images must be a multiple of the 10 classes, "
+                           f"from 10 x --shots ({10 * args.shots}) to 50000")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise CompareError("this preset (or --device cuda) needs CUDA to train; --device cpu finishes a comparison "
-                           "trained elsewhere (FID of its samples), --preset cpu starts one for the CPU")
+        raise CompareError("this preset (or --device cuda) needs CUDA to train; --device cpu "
+                           "finishes a comparison trained elsewhere (FID of its samples), "
+                           "--preset cpu starts one for the CPU")
     old = saved_settings(args.out)
     if old is not None:
-        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {v}" for k, v in settings(args).items() if old.get(k) != v]
+        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {v}"
+                   for k, v in settings(args).items() if old.get(k) != v]
         if changed:
-            raise CompareError(f"{args.out} holds a comparison with other settings ({'; '.join(changed)}); "
-                               "rerun it with its own settings or pass another --out")
+            raise CompareError(f"{args.out} holds a comparison with other settings "
+                               f"({'; '.join(changed)}); rerun it with its own settings or pass "
+                               "another --out")
 
 
 def settings(args):
@@ -211,11 +242,10 @@ def run_training(run_dir, argv, args):
         argv = ["--resume"]
     if args.compile is not None:
         argv = [*argv, "--compile" if args.compile else "--no-compile"]
-    # an empty compile cache: the graphs of earlier trainings (other shapes, or a label branch) would
-    # pile up on the same forward and reach dynamo's recompile limit, past which it runs uncompiled
+    # an empty compile cache: earlier trainings' graphs would reach dynamo's recompile limit
     torch._dynamo.reset()
-    code = train.train(config.get_args([*map(str, argv), "--out", str(run_dir), "--device", args.device,
-                                        "--data-dir", args.data_dir]))
+    code = train.train(config.get_args([*map(str, argv), "--out", str(run_dir),
+                                        "--device", args.device, "--data-dir", args.data_dir]))
     if code != 0:
         raise KeyboardInterrupt  # stopped by Ctrl-C after saving: the next run resumes it
     log = read_log(run_dir / "log.jsonl")
@@ -223,15 +253,17 @@ def run_training(run_dir, argv, args):
     records, seconds, prev = [r for r in log if "img_per_s" in r], 0.0, 0
     for r in records:
         seconds, prev = seconds + (r["step"] - prev) * batch / r["img_per_s"], r["step"]
-    speeds = sorted(r["img_per_s"] for r in records[1:] or records)  # the first interval holds the warm-up
-    return dict(steps=prev, seconds=seconds, img_per_s=speeds[len(speeds) // 2], final_loss=records[-1]["loss"])
+    # the first interval holds the warm-up
+    speeds = sorted(r["img_per_s"] for r in records[1:] or records)
+    return dict(steps=prev, seconds=seconds, img_per_s=speeds[len(speeds) // 2],
+                final_loss=records[-1]["loss"])
 
 
 def stage_pretrain(m, d, args, ds):
-    return run_training(d / "pretrain", ["--method", m, "--recipe", args.preset, "--model", args.model,
-                                         "--patch-size", args.patch_size, "--batch-size", args.batch_size,
-                                         "--lr", args.lr, "--epochs", args.epochs, "--seed", args.seed,
-                                         "--probe-every", 0], args)
+    return run_training(d / "pretrain", [
+        "--method", m, "--recipe", args.preset, "--model", args.model,
+        "--patch-size", args.patch_size, "--batch-size", args.batch_size,
+        "--lr", args.lr, "--epochs", args.epochs, "--seed", args.seed, "--probe-every", 0], args)
 
 
 def stage_probe(m, d, args, ds, t=None):
@@ -239,32 +271,37 @@ def stage_probe(m, d, args, ds, t=None):
     start = time.time()
     train_x, train_y = ds.train_x, ds.train_y
     if args.probe_images < len(train_y):  # the same subset for every method
-        keep = fewshot_indices(train_y, args.probe_images // ds.num_classes, args.seed).sort().values
+        keep = fewshot_indices(
+            train_y, args.probe_images // ds.num_classes, args.seed).sort().values
         train_x, train_y = train_x[keep], train_y[keep]
     train_f = extract_features(model, train_x, t, desc="features (train)")
     test_f = extract_features(model, ds.test_x, t, desc="features (test)")
-    results, lines = evaluate(train_f, train_y, test_f, ds.test_y, ds.num_classes, split="CIFAR-10 test",
-                              shots=args.shots)
+    results, lines = evaluate(train_f, train_y, test_f, ds.test_y, ds.num_classes,
+                              split="CIFAR-10 test", shots=args.shots)
     print("\n".join(f"  {line}" for line in lines))
     return dict(results, t=t, train_images=len(train_y), seconds=time.time() - start)
 
 
 def stage_finetune(m, d, args, ds):
-    return run_training(d / "finetune", ["--finetune", d / "pretrain" / "ckpt.pt", "--recipe", args.preset,
-                                         "--epochs", args.finetune_epochs, "--batch-size", args.finetune_batch_size,
-                                         "--lr", args.finetune_lr, "--ema-decay", args.finetune_ema_decay,
-                                         "--seed", args.seed, "--probe-every", 0], args)
+    return run_training(d / "finetune", [
+        "--finetune", d / "pretrain" / "ckpt.pt", "--recipe", args.preset,
+        "--epochs", args.finetune_epochs, "--batch-size", args.finetune_batch_size,
+        "--lr", args.finetune_lr, "--ema-decay", args.finetune_ema_decay,
+        "--seed", args.seed, "--probe-every", 0], args)
 
 
 def stage_samples(m, d, args, ds):
     model, _ = load_checkpoint(d / "finetune" / "ckpt.pt", args.device)
-    labels = class_labels(model, args.fid or PICTURE_PER_CLASS * model.num_classes)  # equal per class
+    # equal per class
+    labels = class_labels(model, args.fid or PICTURE_PER_CLASS * model.num_classes)
     start = time.time()
-    samples = generate(model, labels, len(labels), args.fid_steps, args.cfg_scale, seed=args.seed, desc=f"{m} samples")
+    samples = generate(model, labels, len(labels), args.fid_steps, args.cfg_scale, seed=args.seed,
+                       desc=f"{m} samples")
     with open(d / "samples.npz.tmp", "wb") as f:
         np.savez(f, samples=to_uint8(samples), labels=labels.numpy())
     os.replace(d / "samples.npz.tmp", d / "samples.npz")
-    return dict(n=len(labels), steps=args.fid_steps, cfg_scale=args.cfg_scale, seconds=time.time() - start)
+    return dict(n=len(labels), steps=args.fid_steps, cfg_scale=args.cfg_scale,
+                seconds=time.time() - start)
 
 
 def stage_fid(m, d, args, ds):
@@ -272,15 +309,16 @@ def stage_fid(m, d, args, ds):
     try:
         net = Inception(device=args.device)
     except FIDError as e:
-        print(f"  FID waits: {e}. Then rerun this command (here, or where the network is, with --device cpu)")
+        print(f"  FID waits: {e}. Then rerun this command "
+              "(here, or where the network is, with --device cpu)")
         return None
     start = time.time()
     with np.load(d / "samples.npz") as data:
         images = torch.from_numpy(data["samples"]).permute(0, 3, 1, 2)
     value = fid_of_images(images, "cifar10-train", args.data_dir, net)
     print(f"  FID-{len(images)}: {value:.2f}")
-    return dict(fid=value, n=len(images), steps=args.fid_steps, cfg_scale=args.cfg_scale, reference="cifar10-train",
-                network_sha256=net.sha256, seconds=time.time() - start)
+    return dict(fid=value, n=len(images), steps=args.fid_steps, cfg_scale=args.cfg_scale,
+                reference="cifar10-train", network_sha256=net.sha256, seconds=time.time() - start)
 
 
 def stages(args):
@@ -290,7 +328,8 @@ def stages(args):
         out.append((m, "pretrain", "pretrain.json", stage_pretrain))
         out.append((m, "probe", "probe.json", stage_probe))
         if config.METHODS[m]["r_t0"] == 0:  # never trained on clean images: the official read-out
-            out.append((m, "probe-t50", "probe-t50.json", functools.partial(stage_probe, t=config.NOISY_READOUT_T)))
+            out.append((m, "probe-t50", "probe-t50.json",
+                        functools.partial(stage_probe, t=config.NOISY_READOUT_T)))
         out.append((m, "finetune", "finetune.json", stage_finetune))
         out.append((m, "samples", "samples.json", stage_samples))
         if args.fid > 0:
@@ -305,7 +344,8 @@ def machine():
         with open("/proc/cpuinfo") as f:
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return dict(cpu=cpu, cores=os.cpu_count(), gpu=gpu, torch=torch.__version__, python=platform.python_version())
+    return dict(cpu=cpu, cores=os.cpu_count(), gpu=gpu, torch=torch.__version__,
+                python=platform.python_version())
 
 
 def where(m):
@@ -321,8 +361,9 @@ def summarize(args):
     results = dict(settings=saved_settings(out), machine=machine(), methods={})
     for m in methods:
         d = out / m
-        r = {name: json.loads((d / f"{name}.json").read_text()) for name in
-             ("pretrain", "probe", "probe-t50", "finetune", "samples", "fid") if (d / f"{name}.json").exists()}
+        r = {name: json.loads((d / f"{name}.json").read_text())
+             for name in ("pretrain", "probe", "probe-t50", "finetune", "samples", "fid")
+             if (d / f"{name}.json").exists()}
         flops, tokens = step_flops(args.model, args.patch_size, **config.METHODS[m])
         r["gflop_per_image"], r["encoder_tokens_per_image"] = flops / 1e9, tokens
         results["methods"][m] = r
@@ -344,35 +385,40 @@ def table(results, args):
         noisy = r.get("probe-t50", {}).get(key, {}).get(field)
         return pct(clean) + ("" if noisy is None else f" (t=50: {pct(noisy)})")
 
-    fid_head = f"FID-{args.fid} (cfg {args.cfg_scale:g}, {args.fid_steps} DDIM steps)" if args.fid else "FID (--fid 0)"
-    head = (f"| method | linear probe % | {args.shots}-shot ridge % | 20-NN % | {fid_head} | pre-training img/s | "
-            "GFLOP/img | FLOPs vs dit | time/img vs dit |")
+    fid_head = (f"FID-{args.fid} (cfg {args.cfg_scale:g}, {args.fid_steps} DDIM steps)"
+                if args.fid else "FID (--fid 0)")
+    head = (f"| method | linear probe % | {args.shots}-shot ridge % | 20-NN % | {fid_head} | "
+            "pre-training img/s | GFLOP/img | FLOPs vs dit | time/img vs dit |")
     rows = [head, "|---" * 9 + "|"]
     for m, r in ms.items():
         speed = r.get("pretrain", {}).get("img_per_s")
         fid = r.get("fid", {}).get("fid")
-        fid_cell = "-" if args.fid == 0 else f"{fid:.1f}" if fid is not None else "waits" if "samples" in r else ""
+        fid_cell = ("-" if args.fid == 0 else f"{fid:.1f}" if fid is not None
+                    else "waits" if "samples" in r else "")
         vs_flops = f"{r['gflop_per_image'] / dit['gflop_per_image']:.2f}x" if dit else "-"
         dit_speed = dit.get("pretrain", {}).get("img_per_s")
         vs_time = f"{dit_speed / speed:.2f}x" if dit_speed and speed else "-"
-        rows.append(f"| {m} | {probe_cell(r, 'linear', 'top1')} | {probe_cell(r, 'fewshot', 'mean')} | "
-                    f"{probe_cell(r, 'knn', 'top1')} | {fid_cell} | {'-' if speed is None else f'{speed:.0f}'} | "
+        rows.append(f"| {m} | {probe_cell(r, 'linear', 'top1')} | "
+                    f"{probe_cell(r, 'fewshot', 'mean')} | {probe_cell(r, 'knn', 'top1')} | "
+                    f"{fid_cell} | {'-' if speed is None else f'{speed:.0f}'} | "
                     f"{r['gflop_per_image']:.2f} | {vs_flops} | {vs_time} |")
     s = results["settings"]
-    trained_on = sorted({where(r["pretrain"].get("machine", results["machine"])) for r in ms.values() if "pretrain" in r})
+    trained_on = sorted({where(r["pretrain"].get("machine", results["machine"]))
+                         for r in ms.values() if "pretrain" in r})
     epochs = f"{s['epochs']:g} epoch" + "s" * (s["epochs"] != 1)
-    rows += ["", f"{s['model']}/p{s['patch_size']}, batch {s['batch_size']}, lr {s['lr']:g} per 256, {epochs} of "
-             f"pre-training, {s['finetune_epochs']:g} of fine-tuning (batch {s['finetune_batch_size']}), seed {s['seed']}; "
-             f"probes of the EMA weights trained on {s['probe_images']} images, scored on CIFAR-10 test; "
-             f"pre-trained on {'; '.join(trained_on) or '-'}."]
+    rows += ["", f"{s['model']}/p{s['patch_size']}, batch {s['batch_size']}, "
+             f"lr {s['lr']:g} per 256, {epochs} of pre-training, "
+             f"{s['finetune_epochs']:g} of fine-tuning (batch {s['finetune_batch_size']}), "
+             f"seed {s['seed']}; probes of the EMA weights trained on {s['probe_images']} images, "
+             f"scored on CIFAR-10 test; pre-trained on {'; '.join(trained_on) or '-'}."]
     return "\n".join(rows) + "\n"
 
 
 def tradeoff(results, size=240, pad=44):
     """Representation against generation, one dot per method: the few-shot ridge probe (right is
     better) and FID (up is better). None until two methods have both numbers."""
-    points = [(m, 100 * r["probe"]["fewshot"]["mean"], r["fid"]["fid"]) for m, r in results["methods"].items()
-              if "probe" in r and "fid" in r]
+    points = [(m, 100 * r["probe"]["fewshot"]["mean"], r["fid"]["fid"])
+              for m, r in results["methods"].items() if "probe" in r and "fid" in r]
     if len(points) < 2:
         return None
     xs, ys = [p[1] for p in points], [p[2] for p in points]
@@ -381,8 +427,10 @@ def tradeoff(results, size=240, pad=44):
     fy = lambda v: pad + (v - y0) / (y1 - y0 or 1) * size  # low FID at the top
     img = Image.new("RGB", (size + 2 * pad + 40, size + 2 * pad), "white")
     draw = ImageDraw.Draw(img)
-    draw.line([(pad - 10, pad - 10), (pad - 10, pad + size + 10), (pad + size + 10, pad + size + 10)], fill="black")
-    draw.text((pad, pad + size + 16), f"few-shot ridge probe %: {x0:.1f} .. {x1:.1f} ->", fill="black")
+    draw.line([(pad - 10, pad - 10), (pad - 10, pad + size + 10),
+               (pad + size + 10, pad + size + 10)], fill="black")
+    draw.text((pad, pad + size + 16), f"few-shot ridge probe %: {x0:.1f} .. {x1:.1f} ->",
+              fill="black")
     draw.text((4, 4), f"FID: {y0:.1f} (top) .. {y1:.1f}", fill="black")
     for m, x, y in points:
         draw.ellipse([fx(x) - 4, fy(y) - 4, fx(x) + 4, fy(y) + 4], fill="black")
@@ -403,7 +451,8 @@ def picture(out, methods, path, extra=None, label_w=70, gap=12):
         per = len(samples) // len(CIFAR_CLASSES)
         tiles = samples.reshape(len(CIFAR_CLASSES), per, *samples.shape[1:])[:, :PICTURE_PER_CLASS]
         h, w = tiles.shape[2:4]
-        grid = Image.new("RGB", (PICTURE_PER_CLASS * (w + 2), len(CIFAR_CLASSES) * (h + 2)), "white")
+        grid = Image.new("RGB", (PICTURE_PER_CLASS * (w + 2), len(CIFAR_CLASSES) * (h + 2)),
+                         "white")
         for c, row in enumerate(tiles):
             for k, tile in enumerate(row):
                 grid.paste(Image.fromarray(tile), (k * (w + 2), c * (h + 2)))
@@ -416,14 +465,17 @@ def picture(out, methods, path, extra=None, label_w=70, gap=12):
         return
     width = max(max(p.width for p in parts) for _, parts in panels)
     height = 20 + max(sum(p.height + gap for p in parts) for _, parts in panels)
-    canvas = Image.new("RGB", (label_w + len(panels) * (width + gap) + (extra.width if extra else 0), height), "white")
+    canvas = Image.new(
+        "RGB", (label_w + len(panels) * (width + gap) + (extra.width if extra else 0), height),
+        "white")
     if extra:
         canvas.paste(extra, (label_w + len(panels) * (width + gap), 20))
     draw = ImageDraw.Draw(canvas)
     h = panels[0][1][0].height // len(CIFAR_CLASSES)
     for c, name in enumerate(CIFAR_CLASSES):
         draw.text((4, 20 + c * h + h // 3), name, fill="black")
-    draw.text((4, 20 + panels[0][1][0].height + gap), "pre-trained:\nmasked and\nnoised\ninputs,\npredictions", fill="black")
+    draw.text((4, 20 + panels[0][1][0].height + gap),
+              "pre-trained:\nmasked and\nnoised\ninputs,\npredictions", fill="black")
     for i, (m, parts) in enumerate(panels):
         x, y = label_w + i * (width + gap), 20
         draw.text((x, 4), m, fill="black")
@@ -453,28 +505,33 @@ def main(argv=None):
             if (d / result).exists():
                 continue
             done = "#" * i + "." * (len(todo) - i)
-            print(f"\n[{done}] stage {i + 1}/{len(todo)}: {m} {name} ({(time.time() - start) / 60:.1f} min so far)",
-                  flush=True)
+            print(f"\n[{done}] stage {i + 1}/{len(todo)}: {m} {name} "
+                  f"({(time.time() - start) / 60:.1f} min so far)", flush=True)
             value = run(m, d, args, ds)
             if value is not None:  # each stage says where it ran: a comparison may span machines
-                print(f"  {m} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in value.items()
-                                                    if isinstance(v, (int, float)) and not isinstance(v, bool)))
+                print(f"  {m} {name}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in value.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)))
                 write_json(d / result, dict(value, machine=machine()))
         results = summarize(args)
-    except (CompareError, DataError, CheckpointError, config.ConfigError, train.TrainError, FIDError) as e:
+    except (CompareError, DataError, CheckpointError, config.ConfigError, train.TrainError,
+            FIDError) as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # --out a file or under one, a read-only folder, a full disk: finished stages are kept
+    except OSError as e:  # bad --out, read-only folder, full disk: finished stages are kept
         print(f"compare.py: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ncompare.py: stopped; finished stages are kept in {args.out if args else 'the run folder'}: run the "
-              "same command again to go on", file=sys.stderr)
+        print(f"\ncompare.py: stopped; finished stages are kept in "
+              f"{args.out if args else 'the run folder'}: run the same command again to go on",
+              file=sys.stderr)
         return 130
     print(f"{args.out}: results.json, table.md, compare.png")
-    waiting = [m for m, r in results["methods"].items() if args.fid and "samples" in r and "fid" not in r]
+    waiting = [m for m, r in results["methods"].items()
+               if args.fid and "samples" in r and "fid" not in r]
     if waiting:
-        print(f"FID still to score for {', '.join(waiting)}: get the Inception network (tools/fid.py --help) and rerun")
+        print(f"FID still to score for {', '.join(waiting)}: "
+              "get the Inception network (tools/fid.py --help) and rerun")
     return 0
 
 
