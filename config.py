@@ -8,12 +8,11 @@ big_vision/configs/ae_i1k.py, written for ImageNet, and the fine-tuning commands
 to CIFAR-10, and add a CPU version of each.
 """
 import argparse
-import math
 from pathlib import Path
 
 import torch
 
-from machinery import CheckpointError, read_checkpoint
+from machinery import CheckpointError, check_finite, read_checkpoint
 from model import SIZES
 
 # Every method is a setting of the one UMD step (corruption.py; README "The idea in one screen").
@@ -179,9 +178,7 @@ def resume_settings(args, given):
 
 def check(s):
     """One clear line for every impossible setting, before anything is built."""
-    for key, value in vars(s).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"--{key.replace('_', '-')} {value} is not a finite number")
+    check_finite(s, ConfigError)
     if not 0 <= s.r_t0 <= 1 or not 0 <= s.mask_ratio < 1 or not 0 <= s.mask_ratio_t0 < 1:
         raise ConfigError("--r-t0 must be in [0, 1] and the mask ratios in [0, 1)")
     if s.r_t0 > 0 and s.mask_ratio_t0 == 0:

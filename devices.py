@@ -8,15 +8,19 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from machinery import TrainError
+from machinery import FlagError, TrainError
+
+
+def pick(choice):
+    """The device that --device auto|cuda|cpu names: auto is CUDA where there is one."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise FlagError("--device cuda but no CUDA device is available; use --device cpu")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def setup_device(choice):
     """(device, rank, world). Under torchrun: one process per GPU (NCCL), or gloo on CPUs."""
-    cuda = torch.cuda.is_available()
-    if choice == "cuda" and not cuda:
-        raise TrainError("--device cuda but no CUDA device is available; use --device cpu")
-    kind = "cuda" if choice == "cuda" or (choice == "auto" and cuda) else "cpu"
+    kind = pick(choice).type
     rank, world = 0, 1
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
@@ -56,16 +60,8 @@ def wrap(model, device, world, use_compile, unused_params):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     static_graph=unused_params)
     if use_compile:  # static shapes: each group of a UMD step has a fixed token count, so 2 graphs
-        if device.type == "cuda":  # no Triton or C compiler: one line now, not a traceback later
-            compile_preflight(device)
+        compile_preflight(device)  # no Triton or C compiler: one line now, not a traceback later
         model = torch.compile(model, dynamic=False)
-    return model
-
-
-def unwrap(model):
-    """The plain network inside torch.compile (._orig_mod) and DDP (.module) wrappers."""
-    while "_orig_mod" in model._modules or isinstance(model, DistributedDataParallel):
-        model = model._modules.get("_orig_mod") or model.module
     return model
 
 

@@ -65,6 +65,11 @@ def save_atomic(obj, path):
         os.close(fd)
 
 
+def write_json(obj, path):
+    """obj as indented JSON, atomically."""
+    save_atomic(json.dumps(obj, indent=2) + "\n", path)
+
+
 def writable(path, what="output"):
     """Check before the work that an output file can be written there (its folder is made):
     one clear OSError now rather than a lost result later."""
@@ -96,20 +101,17 @@ def command_line(prog, main, errors):
     except OSError as e:
         print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no file was left half-written", file=sys.stderr)
+    except KeyboardInterrupt as e:  # its message, where it has one
+        print(f"{prog}: {str(e) or 'interrupted; no file was left half-written'}", file=sys.stderr)
         code = 130
     return code
 
 
-def finite(value, flag, low=None, high=None):
-    """A number flag, checked: finite and in [low, high]; a FlagError names the flag otherwise."""
-    if value is not None and not (math.isfinite(value) and (low is None or value >= low)
-                                  and (high is None or value <= high)):
-        span = (f" in [{low:g}, {high:g}]" if high is not None else
-                f" >= {low:g}" if low is not None else "")
-        raise FlagError(f"{flag} {value} must be a finite number{span}")
-    return value
+def check_finite(args, error):
+    """Every float flag finite: nan and inf pass argparse's float(), and make garbage later."""
+    for key, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise error(f"--{key.replace('_', '-')} {value} is not a finite number")
 
 
 def read_checkpoint(path, device="cpu"):
@@ -168,7 +170,8 @@ class LossMeter:
     def add(self, step, loss, stats):
         loss = loss.detach()
         if self.present is None:  # which groups this rank has is the same at every step
-            self.present = torch.tensor([1.0, "loss_t0" in stats, "loss_t" in stats],
+            self.groups = ("loss_t0" in stats, "loss_t" in stats)  # on the host, for the log
+            self.present = torch.tensor([1.0, *self.groups],
                                         device=self.sums.device)
         self.sums += torch.stack([loss, stats.get("loss_t0", self.zero),
                                   stats.get("loss_t", self.zero)])
@@ -201,6 +204,8 @@ def claim(out):
             lock.close()
             raise TrainError(f"{out} is in use by another run; wait for it to end or pass "
                              "another --out")
+    for tmp in out.glob("*.tmp"):  # left by a killed writer: the lock says none writes now
+        tmp.unlink()
     return lock
 
 
@@ -217,7 +222,7 @@ class Run:
         self.saved_step = self.step if resumed else None  # the checkpoint on disk
         self.meter, self.stop, self.last_save = LossMeter(device), False, time.time()
         if main_process:  # the log: empty for a new run; on resume, cut back to the checkpoint
-            save_atomic(json.dumps(info, indent=2) + "\n", self.out / "config.json")
+            write_json(info, self.out / "config.json")
             log = self.out / "log.jsonl"
             kept = [r for r in read_log(log) if r["step"] <= self.step] if resumed else []
             save_atomic("".join(json.dumps(r) + "\n" for r in kept), log)
@@ -244,9 +249,7 @@ class Run:
         if kind is KeyboardInterrupt:  # a second Ctrl-C: no time to save
             kept = (f"{self.ckpt} (step {self.saved_step}) is kept" if self.saved_step is not None
                     else "no checkpoint was written yet")
-            print(f"train.py: aborted at step {self.step} by a second Ctrl-C; {kept}",
-                  file=sys.stderr)
-            raise SystemExit(130)
+            raise KeyboardInterrupt(f"aborted at step {self.step} by a second Ctrl-C; {kept}")
 
     def add(self, step, loss, stats):
         self.meter.add(step, loss, stats)
@@ -272,9 +275,9 @@ class Run:
             raise TrainError(f"the loss became non-finite at step {bad_step}; stopped: {kept}; "
                              "try a lower --lr or --amp off")
         rec = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "loss": loss}
-        present = self.meter.present.tolist()
-        rec.update({k: v for k, v, p in (("loss_t0", loss_t0, present[1]),
-                                         ("loss_t", loss_t, present[2])) if p})
+        has_t0, has_t = self.meter.groups
+        rec.update({k: v for k, v, p in (("loss_t0", loss_t0, has_t0), ("loss_t", loss_t, has_t))
+                    if p})
         rec.update(lr=lr, img_per_s=n * batch_size / seconds)
         self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         return rec
@@ -287,17 +290,19 @@ class Run:
         return self.stop or time.time() - self.last_save > 60 * minutes
 
     def save(self, state):
-        """Write the checkpoint; a Ctrl-C meanwhile waits for the write to end, then aborts."""
+        """Write the checkpoint; a Ctrl-C or SIGTERM meanwhile is held until the write ends."""
         if self.main:
             caught = []
-            held = signal.signal(signal.SIGINT, lambda *a: caught.append(1))
+            held = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
             try:
                 save_atomic(state, self.ckpt)
+                self.saved_step = state["step"]
             finally:
-                signal.signal(signal.SIGINT, held)
-            self.saved_step = state["step"]
-            if caught:
-                raise KeyboardInterrupt
+                for s, handler in held.items():
+                    signal.signal(s, handler)
+            for s in caught:  # the write is whole: now they count, as if they came now
+                signal.raise_signal(s)
         self.last_save = time.time()
 
     def interrupted(self, step):

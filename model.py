@@ -220,10 +220,12 @@ def build_model(size="small", patch_size=2, img_size=32, num_classes=None, chann
     return UMDModel(size, patch_size, img_size, channels, num_classes)
 
 
-def no_decay(name):
-    """Parameters kept out of weight decay (small-vision big_vision/models/ae.py, no_decay_list:
-    cls, mask embedding, biases)."""
-    return name.endswith("bias") or name in ("cls_tokens", "mask_token")
+def param_groups(model, weight_decay):
+    """AdamW groups: no decay on biases, class tokens, mask token (small-vision no_decay_list)."""
+    named = list(model.named_parameters())
+    skip = lambda n: n.endswith("bias") or n in ("cls_tokens", "mask_token")
+    return [dict(params=[p for n, p in named if not skip(n)], weight_decay=weight_decay),
+            dict(params=[p for n, p in named if skip(n)], weight_decay=0.0)]
 
 
 def load_checkpoint(path, device="cpu", ema=True):

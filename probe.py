@@ -13,7 +13,6 @@ References:
   weighted kNN: Wu et al. 2018 (InstDisc), arXiv 1805.01978; DINO (Caron et al.), arXiv 2104.14294
 """
 import argparse
-import json
 import math
 import sys
 import time
@@ -26,8 +25,8 @@ from tqdm import tqdm
 
 from corruption import cosine_alphas_cumprod, q_sample
 from data import DataError, Stream, derive_seed, load_dataset, to_float
-from devices import unwrap
-from machinery import CheckpointError, FlagError, command_line, save_atomic, writable
+from devices import pick
+from machinery import CheckpointError, FlagError, command_line, write_json, writable
 from model import CLEAN, load_checkpoint, time_input
 
 NOISE_BLOCK = 1000  # feature noise is drawn per fixed block of images: independent of batch size
@@ -39,10 +38,9 @@ def extract_features(model, images, t=None, batch_size=None, seed=0, desc=None):
     """Features [N, d] (float32, CPU) of uint8 images: eval mode, no masking, mean of the class
     tokens. t=None reads the clean image (time input CLEAN); t=N reads x_t at diffusion step N.
     Default batches: 500 images on a GPU, 4096 patch tokens on a CPU (they fit its caches)."""
-    net = unwrap(model)
-    was_training, dev = net.training, next(net.parameters()).device
-    batch_size = batch_size or (500 if dev.type == "cuda" else max(1, 4096 // net.num_patches))
-    net.eval()
+    was_training, dev = model.training, next(model.parameters()).device
+    batch_size = batch_size or (500 if dev.type == "cuda" else max(1, 4096 // model.num_patches))
+    model.eval()
     abar = cosine_alphas_cumprod().to(dev)
     out = []
     for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
@@ -53,8 +51,8 @@ def extract_features(model, images, t=None, batch_size=None, seed=0, desc=None):
             x, time_in = (q_sample(x, ts, _block_noise(s, s + len(x), x.shape[1:], seed).to(dev),
                                    abar), time_input(ts))
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-            out.append(net.features(x, time_in).float().cpu())
-    net.train(was_training)
+            out.append(model.features(x, time_in).float().cpu())
+    model.train(was_training)
     return torch.cat(out)
 
 
@@ -113,11 +111,11 @@ class QuickProbe:
     the first 2000 test images), seconds not minutes. Also gives the raw-pixel number."""
 
     def __init__(self, ds, shots=100, n_test=2000):
-        fewest = ds.train_y.bincount(minlength=ds.num_classes).min().item()
-        if fewest < shots:  # said in train.py's terms: it has no --shots
-            raise DataError(f"the in-training probe takes {shots} training images of every class "
-                            f"and one class has {fewest}; pass --probe-every 0 or use more data")
-        self.idx = fewshot_indices(ds.train_y, shots, 0)
+        try:
+            self.idx = fewshot_indices(ds.train_y, shots, 0)
+        except DataError:  # said in train.py's terms: it has no --shots
+            raise DataError(f"the in-training probe takes {shots} training images of every class, "
+                            "more than the data have; pass --probe-every 0") from None
         self.train_x, self.train_y = ds.train_x[self.idx], ds.train_y[self.idx]
         self.test_x, self.test_y = ds.test_x[:n_test], ds.test_y[:n_test]
         self.num_classes = ds.num_classes
@@ -299,10 +297,7 @@ def run(args):
     if args.shots < 1 or args.seeds < 1 or args.k < 1 or (args.batch_size or 1) < 1:
         raise FlagError("--shots, --seeds, --k and --batch-size must be positive")
     json_path = writable(args.json, "--json") if args.json else None  # checked before the work
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FlagError("--device cuda but no CUDA device is available; use --device cpu")
+    device = pick(args.device)
     ds = load_dataset(args.dataset, args.data_dir, args.img_size)
     modes = ("linear", "fewshot", "knn") if args.mode == "all" else (args.mode,)
     n = len(ds.train_y)  # what the probes need fails now, not after the features
@@ -341,7 +336,7 @@ def run(args):
     print(f"# {what}")
     print("\n".join(lines))
     if json_path:
-        save_atomic(json.dumps(results, indent=2) + "\n", json_path)
+        write_json(results, json_path)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ References:
       (ddim_sample: eta 1, x0 clipped) and big_vision/trainers/train_ae.py (guided calls)
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,9 @@ from tqdm import tqdm
 
 from corruption import cosine_alphas_cumprod, q_sample, random_masking
 from data import DataError, load_dataset, to_float
-from machinery import CheckpointError, FlagError, command_line, finite, save_atomic, writable
+from devices import pick
+from machinery import (CheckpointError, FlagError, check_finite, command_line, save_atomic,
+                       writable, write_json)
 from model import CLEAN, load_checkpoint, time_input, unpatchify
 
 
@@ -189,8 +190,9 @@ def check(args, k, ckpt_path):
         raise FlagError(f"--steps {args.steps}: use 1..1000 DDIM steps")
     if args.n < 1 or args.batch_size < 1 or (args.fid is not None and args.fid < 2):
         raise FlagError("--n and --batch-size must be positive, --fid at least 2")
-    finite(args.eta, "--eta", 0, 1)
-    finite(args.cfg_scale, "--cfg-scale")
+    check_finite(args, FlagError)
+    if not 0 <= args.eta <= 1:
+        raise FlagError(f"--eta {args.eta}: use 0 (deterministic DDIM) .. 1 (the default)")
     if k is None and (args.cfg_scale is not None or args.class_label is not None):
         raise FlagError(f"{ckpt_path} is unconditional: --cfg-scale and --class-label need a "
                         "checkpoint fine-tuned with labels (train.py --finetune)")
@@ -218,9 +220,7 @@ def main(argv=None):
 
 
 def sample(args):
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise FlagError("--device cuda but no CUDA device is available; use --device cpu")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick(args.device)
     ckpt_path = Path(args.ckpt) if args.ckpt else newest_checkpoint()
     model, ckpt = load_checkpoint(ckpt_path, device, ema=not args.raw)
     k = model.num_classes
@@ -273,11 +273,11 @@ def sample(args):
     print(f"wrote {out} ({size[1]}x{size[0]} px): {n} samples, {args.steps} DDIM steps{guidance}, "
           f"{seconds:.1f}s" + (f"; raw samples in {npz}" if npz else ""))
     if args.fid is not None:
-        save_atomic(json.dumps(dict(
+        write_json(dict(
             fid=value, n=n, reference="cifar10-train", n_reference=reference[2],
             steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale, seed=args.seed,
             ckpt=str(ckpt_path), ckpt_step=ckpt.get("step"), weights=weights,
-            network_sha256=net.sha256, sampling_seconds=seconds), indent=2) + "\n", record)
+            network_sha256=net.sha256, sampling_seconds=seconds), record)
         print(f"wrote {record}")
     return 0
 

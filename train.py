@@ -25,7 +25,7 @@ from data import Batches, DataError, Stream, derive_seed, load_dataset_once, to_
 from devices import noise_free_share, setup_device, wrap
 from machinery import (CheckpointError, FlagError, Run, TrainError, check_same_data, checkpoint,
                        claim, command_line, read_checkpoint)
-from model import UMDModel, no_decay
+from model import UMDModel, param_groups
 from probe import QuickProbe
 from sample import reconstruction_rows, save_grid
 
@@ -53,11 +53,8 @@ def build(args, ds, device, resumed):
                          f"but the data are {ds.train_x.shape[-1]}px")
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts at the loaded weights
-    named = list(model.named_parameters())
-    groups = [dict(params=[p for n, p in named if not no_decay(n)], weight_decay=args.weight_decay),
-              dict(params=[p for n, p in named if no_decay(n)], weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2),
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                            betas=(0.9, args.beta2), fused=device.type == "cuda")
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         ema.load_state_dict(resumed["ema"])
@@ -139,8 +136,9 @@ def train(args):
                 steps_per_epoch=steps_per_epoch, total_steps=total_steps, params=n_params,
                 torch=torch.__version__, step=step, data=data)
     if args.recipe == "cpu" and not args.resume:
-        say(f"on the CPU: the CPU {'fine-tune ' if args.finetune else ''}recipe fills every flag "
-            "not given; --recipe gpu for the official hyper-parameters")
+        say(f"{'on the CPU: ' if device.type == 'cpu' else ''}the CPU "
+            f"{'fine-tune ' if args.finetune else ''}recipe fills every flag not given; "
+            "--recipe gpu for the official hyper-parameters")
     say(f"{args.method}: {args.model}/p{args.patch_size}, {n_params / 1e6:.2f}M params, "
         f"{'conditional, ' if conditional else ''}batch {args.batch_size} on {world}x {device}, "
         f"peak lr {peak_lr:.3g}, amp {amp}, compile {use_compile}; steps {step} -> {stop_step} "

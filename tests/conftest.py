@@ -51,6 +51,19 @@ def run_script(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
+# a tiny network on the tiny CIFAR-10, for train.py in the test process
+TINY = ["--model", "tiny", "--patch-size", "8", "--batch-size", "32", "--epochs", "2",
+        "--probe-every", "0", "--device", "cpu", "--log-every", "1"]
+
+
+def run_main(argv):
+    """train.main in this process; returns its exit status."""
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    return e.value.code
+
+
 @pytest.fixture(scope="session")
 def tiny_run(cifar_dir, tmp_path_factory):
     """A finished pre-training run of a tiny UMD model (shared by probe and sample tests)."""

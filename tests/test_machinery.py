@@ -15,20 +15,9 @@ import torch
 from PIL import Image
 
 import machinery
-import train
-from conftest import ROOT, run_script, write_cifar
+from conftest import ROOT, TINY, run_main, run_script, write_cifar
 from devices import noise_free_share
 from machinery import claim, read_log, save_atomic
-
-TINY = ["--model", "tiny", "--patch-size", "8", "--batch-size", "32", "--epochs", "2",
-        "--probe-every", "0", "--device", "cpu", "--log-every", "1"]
-
-
-def run_main(argv):
-    with pytest.raises(SystemExit) as e:
-        train.main([str(a) for a in argv])
-    return e.value.code
-
 
 def one_error_line(capsys, prog):
     err = [l.split("\r")[-1] for l in capsys.readouterr().err.splitlines() if f"{prog}:" in l]
@@ -192,20 +181,37 @@ def test_a_huge_learning_rate_says_no_checkpoint_was_written(cifar_dir, tmp_path
     assert "non-finite" in line and "no checkpoint was written" in line
 
 
-def test_ctrl_c_during_a_checkpoint_write_finishes_it_then_aborts(tmp_path, monkeypatch):
+@pytest.mark.parametrize("first", [True, False])
+def test_ctrl_c_during_a_checkpoint_write_waits_for_it(first, tmp_path, monkeypatch):
     real = machinery.save_atomic
 
-    def slow_save(state, path):  # the second Ctrl-C arrives in the middle of the write
+    def interrupted_save(state, path):  # a Ctrl-C arrives in the middle of the write
         os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
         real(state, path)
 
-    monkeypatch.setattr(machinery, "save_atomic", slow_save)
+    monkeypatch.setattr(machinery, "save_atomic", interrupted_save)
     run = machinery.Run.__new__(machinery.Run)
-    run.main, run.ckpt, run.meter = True, tmp_path / "ckpt.pt", None
-    with pytest.raises(KeyboardInterrupt):
-        run.save({"step": 7})
+    run.main, run.ckpt, run.stop = True, tmp_path / "ckpt.pt", not first
+    run.previous = {signal.SIGINT: signal.default_int_handler}
+    signal.signal(signal.SIGINT, run._on_signal if first else signal.default_int_handler)
+    try:
+        if first:  # the first one: the run stops gracefully at its next log point
+            run.save({"step": 7})
+            assert run.stop
+        else:  # a second one: abort, once the write is whole
+            with pytest.raises(KeyboardInterrupt):
+                run.save({"step": 7})
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True) == {"step": 7}
     assert run.saved_step == 7 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_claim_removes_temp_files_a_killed_writer_left(tmp_path):
+    (tmp_path / "ckpt.pt.123.tmp").write_bytes(b"half")
+    claim(tmp_path).close()
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 # ----------------------------------------------------------------------------- the other scripts
@@ -214,7 +220,7 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_it_then_aborts(tmp_path, monk
 def test_sample_refuses_non_finite_numbers(flag, value, tiny_run):
     r = run_script("sample.py", "--ckpt", tiny_run / "ckpt.pt", flag, value, "--device", "cpu")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert f"{flag} {value} must be a finite number" in r.stderr
+    assert f"{flag} {value} is not a finite number" in r.stderr
 
 
 def test_sample_makes_the_npz_folder_and_checks_outputs_first(tiny_run, tmp_path):

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from corruption import cosine_alphas_cumprod, random_masking, umd_loss
-from devices import unwrap
 from machinery import CheckpointError
 from model import SIZES, build_model, load_checkpoint
 
@@ -99,7 +98,7 @@ def test_compiled_model_matches_eager_and_saves_without_prefix(tmp_path):
     out = compiled(x, t)
     torch.testing.assert_close(out, m(x, t), rtol=1e-4, atol=1e-4)
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    state = unwrap(compiled).state_dict()  # what train.py saves
+    state = m.state_dict()  # what train.py saves: the plain model's, not the compiled one's
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in state)
     torch.save({"model": state, "ema": None, "config": {"model": m.config}}, tmp_path / "c.pt")
     torch.testing.assert_close(load_checkpoint(tmp_path / "c.pt")[0](x, t), m.eval()(x, t))

@@ -11,18 +11,8 @@ import torch
 
 import config
 import train
-from conftest import ROOT, run_script
+from conftest import ROOT, TINY, run_main, run_script
 from model import load_checkpoint
-
-TINY = ["--model", "tiny", "--patch-size", "8", "--batch-size", "32", "--epochs", "2", "--probe-every", "0",
-        "--device", "cpu", "--log-every", "1"]
-
-
-def run_main(argv, capsys=None):
-    with pytest.raises(SystemExit) as e:
-        train.main([str(a) for a in argv])
-    return e.value.code
-
 
 def log(out):
     return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]

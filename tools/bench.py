@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import importlib.metadata
-import json
 import os
 import platform
 import resource
@@ -40,9 +39,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from config import METHODS  # noqa: E402
 from corruption import cosine_alphas_cumprod, umd_loss  # noqa: E402
 from data import Batches  # noqa: E402
-from devices import compile_preflight  # noqa: E402
-from machinery import LossMeter, TrainError, save_atomic  # noqa: E402
-from model import SIZES, build_model, no_decay  # noqa: E402
+from devices import compile_preflight, pick  # noqa: E402
+from machinery import FlagError, LossMeter, TrainError, write_json  # noqa: E402
+from model import SIZES, build_model, param_groups  # noqa: E402
 
 PEAK_BF16 = {"A100": 312e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}  # dense TFLOP/s
 
@@ -116,11 +115,7 @@ def bench(method, compiled, args, device):
     model = build_model(args.model, args.patch_size).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    groups = [
-        dict(params=[p for n, p in model.named_parameters() if not no_decay(n)], weight_decay=0.05),
-        dict(params=[p for n, p in model.named_parameters() if no_decay(n)], weight_decay=0.0),
-    ]
-    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     net = torch.compile(model, dynamic=False, backend=args.backend) if compiled else model
     ac = cosine_alphas_cumprod().to(device)
     total = 1 + args.warmup + args.steps
@@ -298,10 +293,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     try:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise BenchError("--device cuda but no CUDA device is available; use --device cpu")
-        device = torch.device(
-            "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        device = pick(args.device)
         cuda = device.type == "cuda"
         if cuda:  # as train.py
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -309,7 +301,7 @@ def main(argv=None):
             info = machine(device, args.backend)
             print("\n".join(f"{k}: {v}" for k, v in info.items()))
             if args.json:
-                save_atomic(json.dumps(info, indent=2) + "\n", args.json)
+                write_json(info, args.json)
             return 0 if info["compile"] == "ok" else 1
         args.batch_size = (args.batch_size if args.batch_size is not None
                            else (1024 if cuda else 128))
@@ -326,7 +318,7 @@ def main(argv=None):
         if args.amp == "fp16" and not cuda:
             raise BenchError("--amp fp16 needs CUDA; use --amp bf16 or off on the CPU")
         runs = runs_of(args)
-    except BenchError as e:
+    except (BenchError, FlagError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
     name = (torch.cuda.get_device_name(device) if cuda
@@ -348,7 +340,7 @@ def main(argv=None):
             print(f"bench.py: {label} failed: {row['error']}", file=sys.stderr, flush=True)
         rows.append(row)
         if args.json:  # after every run: a stage stopped at its time limit keeps what it measured
-            save_atomic(json.dumps(dict(record, runs=rows), indent=2) + "\n", args.json)
+            write_json(dict(record, runs=rows), args.json)
     print("\n".join(table(rows, cuda)))
     return 1 if any("error" in r for r in rows) else 0
 

@@ -30,7 +30,6 @@ README; UMD: arXiv 2406.17688.
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import sys
@@ -45,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import train  # noqa: E402
 from data import CIFAR_CLASSES, DataError, load_dataset  # noqa: E402
-from machinery import CheckpointError, os_error_line, read_log, save_atomic  # noqa: E402
+from machinery import (CheckpointError, FlagError, check_finite, os_error_line,  # noqa: E402
+                       read_log, save_atomic, write_json)
 from model import load_checkpoint  # noqa: E402
 from probe import evaluate, extract_features, fewshot_indices  # noqa: E402
 from sample import class_labels, generate, to_uint8  # noqa: E402
@@ -182,9 +182,7 @@ def saved_settings(out):
 
 
 def check(args):
-    for key, value in vars(args).items():  # nan and inf pass argparse's float()
-        if isinstance(value, float) and not math.isfinite(value):
-            raise CompareError(f"--{key.replace('_', '-')} {value} is not a finite number")
+    check_finite(args, CompareError)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CompareError(f"--out {args.out} is a file; "
                            "pass a folder (new, or of this comparison)")
@@ -231,10 +229,6 @@ def settings(args):
 
 
 # ----------------------------------------------------------------------------- stages
-def write_json(path, obj):
-    save_atomic(json.dumps(obj, indent=2) + "\n", path)
-
-
 def run_training(run_dir, argv, args):
     """train.py in this process: fresh, or --resume where a checkpoint was left. Returns a summary
     read from its log: steps, training seconds (probes and checkpoints excluded), img/s."""
@@ -369,7 +363,7 @@ def summarize(args):
         results["methods"][m] = r
     text = table(results, args)
     print("\n" + text, flush=True)  # on the screen first: a full disk loses no number
-    write_json(out / "results.json", results)
+    write_json(results, out / "results.json")
     save_atomic(text, out / "table.md")
     picture(out, methods, out / "compare.png", tradeoff(results))
     return results
@@ -495,7 +489,7 @@ def main(argv=None):
         out, start = Path(args.out), time.time()
         if not (out / "settings.json").exists():
             out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "settings.json", settings(args))
+            write_json(settings(args), out / "settings.json")
         if args.preset == "gpu" and args.device == "cuda":
             print(f"the gpu preset: {estimate_line(vars(args))}")
         todo = stages(args)
@@ -512,10 +506,10 @@ def main(argv=None):
                 print(f"  {m} {name}: " + ", ".join(
                     f"{k} {v:.4g}" for k, v in value.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)))
-                write_json(d / result, dict(value, machine=machine()))
+                write_json(dict(value, machine=machine()), d / result)
         results = summarize(args)
     except (CompareError, DataError, CheckpointError, config.ConfigError, train.TrainError,
-            FIDError) as e:
+            FlagError, FIDError) as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # bad --out, read-only folder, full disk: finished stages are kept

@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import IMAGE_EXTS, DataError, file_digest, load_cifar10  # noqa: E402
-from machinery import command_line, save_atomic, writable  # noqa: E402
+from devices import pick  # noqa: E402
+from machinery import FlagError, command_line, save_atomic, writable, write_json  # noqa: E402
 
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  "inception-2015-12-05.pt")
@@ -114,11 +115,16 @@ class Inception:
     def __call__(self, images):
         """uint8 [N, 3, H, W] -> float64 features [N, 2048], in full float32: TF32 (cuDNN's default
         on recent GPUs) would move FID away from the reference value."""
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        x = resize_tf1_bilinear(images.to(self.device, torch.float32), 299)
-        # channels_last: the same numbers, faster convolutions
-        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
-        return self.layers(x).reshape(len(x), -1).double().cpu()
+        cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+        kept = cudnn.allow_tf32, matmul.allow_tf32  # given back after: training may want TF32
+        cudnn.allow_tf32 = matmul.allow_tf32 = False
+        try:
+            x = resize_tf1_bilinear(images.to(self.device, torch.float32), 299)
+            # channels_last: the same numbers, faster convolutions
+            x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
+            return self.layers(x).reshape(len(x), -1).double().cpu()
+        finally:
+            cudnn.allow_tf32, matmul.allow_tf32 = kept
 
 
 def resize_tf1_bilinear(x, size):
@@ -354,7 +360,7 @@ def score_samples(samples, net, reference):
 
 # ---------------------------------------------------------------------------- command line
 def main(argv=None):
-    return command_line("fid.py", lambda: compute(argv), (FIDError, DataError))
+    return command_line("fid.py", lambda: compute(argv), (FIDError, DataError, FlagError))
 
 
 def compute(argv=None):
@@ -383,12 +389,10 @@ def compute(argv=None):
         raise FIDError("give two inputs A B (or --save-stats PATH to save A's statistics)")
     if (args.limit is not None and args.limit < 2) or args.batch_size < 1:
         raise FIDError("--limit must be at least 2 and --batch-size positive")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise FIDError("--device cuda but no CUDA device is available; use --device cpu")
     # the output paths are checked before hours of features, not after
     save_stats_path = writable(args.save_stats, "--save-stats") if args.save_stats else None
     json_path = writable(args.json, "--json") if args.json else None
-    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = pick(args.device).type
     net = Inception(args.inception, device)
     print(f"# Inception: {net.path} (sha256 {net.sha256[:12]}), {device}", file=sys.stderr)
     mu1, s1, n1 = stats_of(args.a, args.data_dir, net, args.batch_size, args.limit)
@@ -403,10 +407,10 @@ def compute(argv=None):
     value = frechet_distance(mu1, s1, mu2, s2)
     print(f"FID: {value:.4f}")  # the result first: a file that cannot be written never loses it
     if json_path:
-        save_atomic(json.dumps(dict(
+        write_json(dict(
             fid=value, a=args.a, b=args.b, n_a=n1, n_b=n2, limit=args.limit, network=str(net.path),
             network_sha256=net.sha256, resize="tf1-bilinear-299",
-            scipy=importlib.util.find_spec("scipy") is not None), indent=2) + "\n", json_path)
+            scipy=importlib.util.find_spec("scipy") is not None), json_path)
     return 0
 
 

@@ -91,6 +91,7 @@ import json, statistics, sys
 from pathlib import Path
 
 sys.path.insert(0, ".")
+from machinery import read_log
 from tools.bench import step_flops
 
 out, mode, note, seconds = Path(sys.argv[1]), sys.argv[2], sys.argv[3].strip(), int(sys.argv[4]) / 1000
@@ -109,8 +110,7 @@ bench = load(out / "bench.json")
 if bench and "bench" in stages:
     stages["bench"]["numbers"] = bench
 if "train" in stages:  # img/s after the first log interval, which holds start-up, probe and compile
-    log = [json.loads(l) for l in (out / "train" / "log.jsonl").read_text().splitlines()] \
-        if (out / "train" / "log.jsonl").exists() else []
+    log = read_log(out / "train" / "log.jsonl")  # a line cut by the kill is skipped
     cfg = load(out / "train" / "config.json") or {}
     steps = [r for r in log if "img_per_s" in r]
     steady = [r["img_per_s"] for r in steps[1:]]
