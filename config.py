@@ -198,3 +198,12 @@ def check(s):
     if s.patch_size < 1 or s.img_size % s.patch_size:
         raise ConfigError(f"--patch-size {s.patch_size} must divide the image size {s.img_size} "
                           "(e.g. 2, 4, 8)")
+    L = (s.img_size // s.patch_size) ** 2  # a step keeps int(L * (1 - ratio)) patches
+    for flag, ratio, used in (("--mask-ratio-t0", s.mask_ratio_t0, s.r_t0 > 0),
+                              ("--mask-ratio", s.mask_ratio, s.r_t0 < 1)):
+        keep = int(L * (1 - ratio))
+        if used and (keep < 1 or (ratio > 0 and keep == L)):
+            raise ConfigError(f"{flag} {ratio:g} keeps {keep} of {L} patches; a step needs at "
+                              "least one patch seen and, when masking, one hidden")
+    if s.probe_every < 0 or s.ckpt_minutes < 0:
+        raise ConfigError("--probe-every and --ckpt-minutes must be >= 0")

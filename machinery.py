@@ -204,8 +204,9 @@ def claim(out):
             lock.close()
             raise TrainError(f"{out} is in use by another run; wait for it to end or pass "
                              "another --out")
-    for tmp in out.glob("*.tmp"):  # left by a killed writer: the lock says none writes now
-        tmp.unlink()
+    for name in ("ckpt.pt", "config.json", "log.jsonl"):  # a killed run's temp files
+        for tmp in out.glob(f"{name}.*.tmp"):
+            tmp.unlink()
     return lock
 
 

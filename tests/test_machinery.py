@@ -210,8 +210,9 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_it(first, tmp_path, monkeypa
 
 def test_claim_removes_temp_files_a_killed_writer_left(tmp_path):
     (tmp_path / "ckpt.pt.123.tmp").write_bytes(b"half")
+    (tmp_path / "samples.png.456.tmp").write_bytes(b"another writer's")  # not the run's: kept
     claim(tmp_path).close()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.glob("*.tmp")] == ["samples.png.456.tmp"]
 
 
 # ----------------------------------------------------------------------------- the other scripts
@@ -291,7 +292,7 @@ def test_small_folders_say_what_they_lack(tiny_run, tmp_path, capsys):
     r = run_script("probe.py", "--pixels", "--dataset", "folder", "--data-dir", small,
                    "--img-size", 8, "--mode", "linear")
     assert r.returncode == 2 and "the linear probe" in r.stderr and "needs at least 20" in r.stderr
-    assert run_main(["--dataset", "folder", "--data-dir", small, "--img-size", 8, "--model", "tiny",
+    assert run_main(["--dataset", "folder", "--data-dir", small, "--img-size", 16, "--model", "tiny",
                      "--patch-size", 8, "--batch-size", 8, "--probe-every", 1,
                      "--out", tmp_path / "run"]) == 2
     assert "--probe-every 0" in one_error_line(capsys, "train.py")

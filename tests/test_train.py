@@ -102,6 +102,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path
     (["--ema-decay", "1.5", "--out", "{tmp}/x"], "--ema-decay"),
     (["--beta2", "1.0", "--out", "{tmp}/x"], "--beta2"),
     (["--grad-clip", "0", "--out", "{tmp}/x"], "--grad-clip"),
+    (["--mask-ratio", "0.99", "--out", "{tmp}/x"], "--mask-ratio 0.99 keeps 0 of 64 patches"),
+    (["--probe-every", "-1", "--out", "{tmp}/x"], "--probe-every and --ckpt-minutes"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")

@@ -476,7 +476,7 @@ def picture(out, methods, path, extra=None, label_w=70, gap=12):
         for p in parts:
             canvas.paste(p, (x, y))
             y += p.height + gap
-    canvas.save(path)
+    save_atomic(lambda f: canvas.save(f, format="PNG"), path)
 
 
 # ----------------------------------------------------------------------------- command line
