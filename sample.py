@@ -244,7 +244,7 @@ def sample(args):
         return 0
 
     if args.fid is not None:  # the network, the reference and the record first: they fail now
-        from tools.fid import fid_record_path, fid_reference, score_samples
+        from tools.fid import fid_of_images, fid_record_path, fid_reference
         net, reference = fid_reference(args.inception, args.data_dir, device)
         record = fid_record_path(args, ckpt_path)
         start = time.time()
@@ -255,7 +255,8 @@ def sample(args):
                        args.batch_size)
     seconds = time.time() - start
     if args.fid is not None:  # the result is printed before any file is written
-        value = score_samples(to_uint8(samples), net, reference)
+        images = torch.from_numpy(to_uint8(samples)).permute(0, 3, 1, 2)  # what --npz keeps
+        value = fid_of_images(images, reference, net)
         print(f"FID-{n} against CIFAR-10 train: {value:.2f} ({time.time() - start:.0f}s in all)")
     # the picture: one row per class (at most 10 of each), or a square of at most 100
     if labels is not None and args.class_label is None:

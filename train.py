@@ -145,7 +145,7 @@ def train(args):
         f"of {total_steps} ({steps_per_epoch}/epoch); writing {args.out}")
 
     rec = {"loss": float("nan")}
-    with Run(args.out, lock, info, resumed, world, device, stop_step) as run:
+    with Run(args.out, lock, info, args.resume, world, device, stop_step) as run:
         if probe and step == 0:  # the untrained network and raw pixels: the numbers to beat
             run.log({"step": 0, "epoch": 0.0, **probe.report(model, ema, probe_t, 0)})
         while step < stop_step:

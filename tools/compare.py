@@ -50,7 +50,7 @@ from model import load_checkpoint  # noqa: E402
 from probe import evaluate, extract_features, fewshot_indices  # noqa: E402
 from sample import class_labels, generate, to_uint8  # noqa: E402
 from tools.bench import forward_flops, step_flops  # noqa: E402
-from tools.fid import FIDError, Inception, fid_of_images  # noqa: E402
+from tools.fid import FIDError, Inception, fid_of_images, stats_of  # noqa: E402
 
 # The presets (README "The comparison"): cpu takes 2.4 hours of 2 cores (measured); gpu, on one
 # H100/H200, is estimated by gpu_estimate() below (not yet run on one).
@@ -309,7 +309,7 @@ def stage_fid(m, d, args, ds):
     start = time.time()
     with np.load(d / "samples.npz") as data:
         images = torch.from_numpy(data["samples"]).permute(0, 3, 1, 2)
-    value = fid_of_images(images, "cifar10-train", args.data_dir, net)
+    value = fid_of_images(images, stats_of("cifar10-train", args.data_dir, net), net)
     print(f"  FID-{len(images)}: {value:.2f}")
     return dict(fid=value, n=len(images), steps=args.fid_steps, cfg_scale=args.cfg_scale,
                 reference="cifar10-train", network_sha256=net.sha256, seconds=time.time() - start)

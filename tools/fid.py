@@ -326,11 +326,11 @@ def stats_of(spec, data_dir, net, batch_size=50, limit=None):
     return (*statistics(value, net, batch_size, desc), len(value))
 
 
-def fid_of_images(images, ref, data_dir, net, batch_size=50):
-    """FID of uint8 images [N, 3, H, W] against a reference input (e.g. cifar10-train)."""
-    mu1, s1 = statistics(images, net, batch_size, desc="Inception features (samples)")
-    mu2, s2, _ = stats_of(ref, data_dir, net, batch_size)
-    return frechet_distance(mu1, s1, mu2, s2)
+def fid_of_images(images, reference, net, batch_size=50):
+    """FID of uint8 images [N, 3, H, W] against reference statistics (mu, sigma, ...), e.g.
+    stats_of("cifar10-train", ...)."""
+    mu, sigma = statistics(images, net, batch_size, desc="Inception features (samples)")
+    return frechet_distance(mu, sigma, reference[0], reference[1])
 
 
 def fid_reference(inception, data_dir, device):
@@ -349,13 +349,6 @@ def fid_record_path(args, ckpt_path):
             args.raw and "raw"]
     name = "-".join([f"fid-{args.fid}-steps{args.steps}", *filter(None, tags)])
     return writable(Path(ckpt_path).parent / f"{name}.json", "the FID record")
-
-
-def score_samples(samples, net, reference):
-    """FID of uint8 samples [N, H, W, C] against reference statistics (mu, sigma, n)."""
-    images = torch.from_numpy(samples).permute(0, 3, 1, 2)
-    mu, sigma = statistics(images, net, desc="Inception features (samples)")
-    return frechet_distance(mu, sigma, reference[0], reference[1])
 
 
 # ---------------------------------------------------------------------------- command line
