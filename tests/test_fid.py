@@ -95,15 +95,20 @@ def test_features_are_the_standin_of_the_preprocessed_image(standin):
     torch.testing.assert_close(net(flat), torch.full((1, 12), 0.5, dtype=torch.float64))  # (192 - 128) / 128
 
 
-def test_inception_runs_without_tf32_and_gives_it_back(standin, monkeypatch):
+def test_inception_runs_without_tf32_and_gives_it_back(standin):
+    # set and restored by hand: these flags are served by a module __getattr__, and pytest 9.2's
+    # monkeypatch undo delattr()s them
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    for flag in ("torch.backends.cudnn.allow_tf32", "torch.backends.cuda.matmul.allow_tf32"):
-        monkeypatch.setattr(flag, True)  # as train.py leaves them on a GPU
-    net, seen = Inception(standin), []
-    layers = net.layers
-    net.layers = lambda x: seen.append((cudnn.allow_tf32, matmul.allow_tf32)) or layers(x)
-    net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    assert seen == [(False, False)] and cudnn.allow_tf32 and matmul.allow_tf32
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = True  # as train.py leaves them on a GPU
+    try:
+        net, seen = Inception(standin), []
+        layers = net.layers
+        net.layers = lambda x: seen.append((cudnn.allow_tf32, matmul.allow_tf32)) or layers(x)
+        net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+        assert seen == [(False, False)] and cudnn.allow_tf32 and matmul.allow_tf32
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
 def test_where_the_network_comes_from(standin, tmp_path, monkeypatch):
