@@ -121,6 +121,21 @@ def load_cifar10(data_dir, download=True):
     return Dataset(train_x, train_y, test_x, test_y, CIFAR_CLASSES)
 
 
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds (builtin containers, numpy arrays) and nothing else:
+    a plain pickle.load would run any function a planted file names (torchvision checks each
+    file's MD5 instead; our folder may come from get-cifar10 or a copy, so we check the content)."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("_codecs", "encode")}  # the last three: arrays and bytes pickled by Python 3
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
 def _read_batch(path):
     """One pickle of the official python version: uint8 [10000, 3072] rows of R, G, B planes."""
     hint = f"delete {path.parent} and run again to re-download"
@@ -128,7 +143,7 @@ def _read_batch(path):
         raise DataError(f"{path} is missing: the CIFAR-10 folder is incomplete; {hint}")
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = BatchUnpickler(f, encoding="bytes").load()
         x, y = np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:
         raise DataError(f"{path} is not a CIFAR-10 batch ({type(e).__name__}); {hint}")
@@ -213,30 +228,32 @@ class Batches:
 
     Epoch e visits the images in the permutation seeded by derive_seed(seed, Stream.DATA_ORDER, e);
     step s is batch s % steps_per_epoch of epoch s // steps_per_epoch, so any step can be rebuilt
-    from (seed, s) alone: that is what makes --resume exact. Under DDP every rank draws the same
-    global batch and keeps its own slice of it. The augmentation uses the caller's generator."""
+    from (seed, s) alone: that is what makes --resume exact. The global batch is split into
+    `world` equal slices (DDP ranks, or their micro-batches): get(step, g, rank) is rank's slice.
+    The augmentation uses the caller's generator."""
 
-    def __init__(self, images, labels, batch_size, seed, device, min_area=0.8, rank=0, world=1):
+    def __init__(self, images, labels, batch_size, seed, device, min_area=0.8, world=1):
         if batch_size % world:
-            raise DataError(f"--batch-size {batch_size} is not divisible by the {world} processes")
+            raise DataError(f"--batch-size {batch_size} does not split into {world} equal parts "
+                            "(processes x --grad-accum)")
         if len(images) < batch_size:
             raise DataError(f"--batch-size {batch_size} is larger than the {len(images)} "
                             "training images")
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.seed, self.min_area, self.rank, self.world = (
-            batch_size, seed, min_area, rank, world)
+        self.batch_size, self.seed, self.min_area, self.world = batch_size, seed, min_area, world
         self.steps_per_epoch = len(images) // batch_size  # the last partial batch is dropped
         self._epoch, self._perm = None, None
 
-    def get(self, step, generator):
-        """(x0 float [b, C, H, W] in [-1, 1], labels [b]) for this rank at global step `step`."""
+    def get(self, step, generator, rank=0):
+        """(x0 float [b, C, H, W] in [-1, 1], labels [b]): rank's slice of the global batch of
+        `step`."""
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(derive_seed(self.seed, Stream.DATA_ORDER, epoch))
             self._epoch, self._perm = (
                 epoch, torch.randperm(len(self.images), generator=g).to(self.images.device))
         b = self.batch_size // self.world
-        idx = self._perm[i * self.batch_size + self.rank * b:][:b]
+        idx = self._perm[i * self.batch_size + rank * b:][:b]
         return augment(to_float(self.images[idx]), self.min_area, generator), self.labels[idx]
 
 

@@ -46,6 +46,46 @@ def test_damaged_folder_is_a_one_line_error(tmp_path, damage):
     assert "\n" not in str(e.value)
 
 
+class Planted:
+    """A pickle that runs a shell command when loaded, as a planted data_batch_1 would."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_batch_that_would_run_code_is_refused_and_runs_nothing(tmp_path, protocol):
+    import pickle
+    from conftest import run_script
+    write_cifar(tmp_path, n_per_batch=10)
+    ran = tmp_path / "ran"
+    f = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    d = pickle.loads(f.read_bytes())
+    d[b"labels"] = Planted(f"touch {ran}")
+    f.write_bytes(pickle.dumps(d, protocol=protocol))
+    with pytest.raises(DataError, match=r"data_batch_1 is not a CIFAR-10 batch \(Unpickling"):
+        load_cifar10(tmp_path)
+    assert not ran.exists()
+    # as a user meets it: one line, exit 2, nothing run
+    r = run_script("train.py", "--data-dir", tmp_path, "--out", tmp_path / "run", "--device", "cpu")
+    assert r.returncode == 2 and not ran.exists(), r.stderr
+    assert r.stderr.count("\n") == 1 and "data_batch_1 is not a CIFAR-10 batch" in r.stderr
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_batches_pickled_by_any_python_3_protocol_load(tmp_path, protocol):
+    import pickle
+    write_cifar(tmp_path, n_per_batch=10)
+    f = tmp_path / "cifar-10-batches-py" / "test_batch"
+    d = pickle.loads(f.read_bytes())
+    f.write_bytes(pickle.dumps(d, protocol=protocol))
+    assert torch.equal(load_cifar10(tmp_path).test_x.flatten(1), torch.from_numpy(d[b"data"]))
+
+
 def make_archive(tmp_path):
     src = tmp_path / "src"
     write_cifar(src, n_per_batch=10)
@@ -112,7 +152,7 @@ def test_batches_are_seeded_and_cover_the_epoch():
     assert not torch.equal(b.get(5, g(0))[1], b.get(0, g(0))[1])  # a new order in epoch 2
     assert not torch.equal(Batches(images, labels, 8, seed=4, device="cpu").get(0, g(0))[1], b.get(0, g(0))[1])
     # two DDP ranks take the two halves of the same global batch
-    halves = [Batches(images, labels, 8, 3, "cpu", rank=r, world=2).get(6, g(0))[1] for r in (0, 1)]
+    halves = [Batches(images, labels, 8, 3, "cpu", world=2).get(6, g(0), r)[1] for r in (0, 1)]
     assert torch.equal(torch.cat(halves), b.get(6, g(0))[1])
     with pytest.raises(DataError):
         Batches(images, labels, 7, 0, "cpu", world=2)
