@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from machinery import CheckpointError, check_finite, read_checkpoint
-from model import SIZES
+from machinery import check_finite
+from model import SIZES, CheckpointError, read_checkpoint
 
 # Every method is a setting of the one UMD step (corruption.py; README "The idea in one screen").
 # mask_ratio_t0 is unused where r_t0 = 0 (no noise-free step), mask_ratio where r_t0 = 1.
@@ -31,7 +31,7 @@ NOISY_READOUT_T = 50
 
 # Every other default, in one place; the --help text is made from this table. Columns:
 #   gpu           the official pre-training recipe, on CIFAR-10 at small/2 (a 16x16 token grid)
-#   cpu           beats the raw-pixel probes in about 33 minutes on 2 cores (README "Quick start")
+#   cpu           beats raw pixels on the linear and ridge probes in about 33 minutes on 2 cores
 #   finetune-gpu  the official class-conditional fine-tune
 #   finetune-cpu  about 10 minutes of it on 2 cores, enough to see guidance at work
 # -: model and patch size come from the pre-trained checkpoint; the EMA decay is the official
@@ -56,11 +56,12 @@ RECIPES = dict(
 )
 # The same in every recipe.
 RUN_DEFAULTS = dict(dataset="cifar10", data_dir="./data", img_size=32, seed=0, ckpt_minutes=10.0,
-                    device="auto")
-# Flags a resumed run may change (they do not change what is computed). max_steps is a stop, not
-# a setting: a resumed run without it runs to the end.
+                    device="auto", grad_accum=1)
+# Flags a resumed run may change (they do not change the recipe). max_steps is a stop, not
+# a setting: a resumed run without it runs to the end. grad_accum changes only the random draws
+# (as the number of processes does), so a run that ran out of memory can go on with more.
 RUNTIME_FLAGS = ("max_steps", "log_every", "device", "compile", "amp", "probe_every",
-                 "ckpt_minutes", "data_dir")
+                 "ckpt_minutes", "data_dir", "grad_accum")
 
 
 class ConfigError(Exception):
@@ -106,10 +107,13 @@ def get_args(argv=None):
       help="fixes init, data order, augmentation, masks, noise and t" + d["seed"])
     a("--ckpt-minutes", type=float, help="minutes between checkpoints" + d["ckpt_minutes"])
     a("--device", choices=["auto", "cuda", "cpu"], help="auto: cuda when available" + d["device"])
+    a("--grad-accum", type=int, metavar="N",
+      help="split each step's batch into N micro-batches, one after another (same recipe, less "
+           "memory)" + d["grad_accum"])
     a("--compile", action=argparse.BooleanOptionalAction,
-      help="torch.compile (default: on with CUDA)")
+      help="torch.compile (default: on with CUDA or a CPU with native bf16)")
     a("--amp", choices=["bf16", "fp16", "off"],
-      help="autocast (default bf16 on CUDA, off on the CPU)")
+      help="autocast (default: bf16 on CUDA or a CPU with native bf16, else off)")
     return p.parse_args(argv)
 
 
@@ -171,7 +175,8 @@ def resume_settings(args, given):
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise ConfigError(f"{flags} cannot change on --resume (a resumed run keeps its settings); "
                           "drop them or start a new run")
-    s = argparse.Namespace(**{**saved, "max_steps": None, **given, "out": str(out), "resume": True})
+    s = argparse.Namespace(**{"grad_accum": 1, **saved, "max_steps": None, **given, "out": str(out),
+                              "resume": True})
     check(s)
     return s
 
@@ -195,6 +200,8 @@ def check(s):
                           "--grad-clip and --img-size positive")
     if s.max_steps is not None and s.max_steps < 1:
         raise ConfigError("--max-steps must be at least 1")
+    if s.grad_accum < 1:
+        raise ConfigError("--grad-accum must be at least 1")
     if s.patch_size < 1 or s.img_size % s.patch_size:
         raise ConfigError(f"--patch-size {s.patch_size} must divide the image size {s.img_size} "
                           "(e.g. 2, 4, 8)")

@@ -25,7 +25,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model import CLEAN, time_input
+CLEAN = 0  # the time input of a clean image: the noise-free step and the probes
+
+
+def time_input(t):
+    """The network's time input for diffusion step t in [0, T-1]: t + 1, so that CLEAN (0) always
+    means "no noise at all" and never collides with t = 0, which is already (slightly) noised."""
+    return t + 1
 
 
 def cosine_alphas_cumprod(T=1000, max_beta=0.999):

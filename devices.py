@@ -1,8 +1,10 @@
-"""Where the step runs: the device, DDP processes (each with its share of the batch) and
-torch.compile, with a check that compile works before the first step. Like machinery.py, nothing
-here changes what is computed.
+"""Where the step runs: the device and its precision, DDP processes and micro-batches (each with
+its share of the batch), and torch.compile, with a check that compile works before the first
+step. Like machinery.py, nothing here changes what is computed.
 """
+import contextlib
 import os
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -32,15 +34,66 @@ def setup_device(choice):
     return torch.device("cpu"), rank, world
 
 
+def cpu_has_native_bf16():
+    """AVX-512 BF16 or AMX: the CPU multiplies bf16 in hardware (torch's own checks)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def precision(device, amp=None, use_compile=None):
+    """(amp, compile, why) for the step on this device; --amp and --compile (not None) win.
+    CUDA: bf16 (fp16 where it has none) and compile. A CPU with native bf16: bf16 and compile
+    (its bf16 matmuls run several times faster than float32). Other CPUs: eager float32, the
+    fastest measured there (RESULTS.md "CPU speed")."""
+    if device.type == "cuda":
+        auto = "bf16" if torch.cuda.is_bf16_supported() else "fp16", True, "CUDA"
+    elif cpu_has_native_bf16():
+        auto = "bf16", True, "a CPU with native bf16"
+    else:
+        auto = "off", False, "a CPU without native bf16"
+    if amp == "fp16" and device.type == "cpu":
+        raise TrainError("--amp fp16 needs CUDA; use --amp bf16 or off on the CPU")
+    chosen = (amp or auto[0], auto[1] if use_compile is None else use_compile)
+    given = [f for f, v in (("--amp", amp), ("--compile", use_compile)) if v is not None]
+    return (*chosen, auto[2] + (f"; {' and '.join(given)} given" if given else ""))
+
+
+def autocast(device, amp):
+    """The forward pass's autocast: bf16 or fp16, or none."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype, enabled=dtype is not None)
+
+
 def noise_free_share(batch_size, r_t0, rank, world):
     """This rank's share of the int(B * r_t0) noise-free images of the global batch B."""
     n = int(batch_size * r_t0)
     return n // world + (rank < n % world)
 
 
+def micro_batches(batch_size, r_t0, rank, world, accum):
+    """This process's micro-batches: micro-batch i stands for rank rank * accum + i of
+    world * accum, with its share of the batch and of the noise-free images. With accum > 1 the
+    shares must be equal (one graph for every micro-batch)."""
+    ranks = world * accum
+    n0 = int(batch_size * r_t0)
+    if accum > 1 and (batch_size % ranks or n0 % ranks):
+        raise TrainError(f"--grad-accum {accum}{f' on {world} processes' if world > 1 else ''}: "
+                         f"the batch of {batch_size} ({n0} noise-free) does not split into "
+                         f"{ranks} equal micro-batches; pick a --grad-accum that divides both")
+    return [SimpleNamespace(rank=rank * accum + i, last=i == accum - 1,
+                            n0=noise_free_share(batch_size, r_t0, rank * accum + i, ranks))
+            for i in range(accum)]
+
+
+def sync_grads(net, last):
+    """Under DDP, gradients are averaged over the processes once per step, at the last
+    micro-batch's backward; the others only add into .grad."""
+    ddp = getattr(net, "_orig_mod", net)
+    return contextlib.nullcontext() if last or not isinstance(ddp, DDP) else ddp.no_sync()
+
+
 class DDP(DistributedDataParallel):
-    """DDP that lends its network's attributes (patch_size, num_classes), as torch.compile's
-    wrapper does, so that the loss reads them through any wrapper."""
+    """DDP that lends its network's attributes (patch_size, num_patches, num_classes), as
+    torch.compile's wrapper does, so that the loss reads them through any wrapper."""
 
     def __getattr__(self, name):
         try:

@@ -1,6 +1,7 @@
 """The machinery around the training step, kept out of the method's files: the run folder
 (lock, config, log, checkpoints), atomic writes, Ctrl-C, the loss meter and one-line errors.
-Nothing here changes what is computed; train.py reads without it. (devices.py: CUDA, DDP, compile.)
+Nothing here changes what is computed: a first read of train.py can take Run's calls on trust.
+(devices.py: the device, precision, DDP, micro-batches, compile.)
 """
 import io
 import json
@@ -19,10 +20,6 @@ try:
     import fcntl  # POSIX: a lock that the kernel drops when its process dies, however it dies
 except ImportError:  # Windows: no run-folder lock
     fcntl = None
-
-
-class CheckpointError(ValueError):
-    """A file that cannot be loaded as a checkpoint of this project."""
 
 
 class TrainError(Exception):
@@ -114,25 +111,6 @@ def check_finite(args, error):
             raise error(f"--{key.replace('_', '-')} {value} is not a finite number")
 
 
-def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict of a umd run, checked: one clear CheckpointError otherwise."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file; pass the ckpt.pt of a run "
-                              "(runs/<name>/ckpt.pt)")
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}); "
-                              "pass the ckpt.pt of a umd run")
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    model = config.get("model") if isinstance(config, dict) else None
-    if not (isinstance(model, dict) and {"size", "patch_size"} <= set(model)
-            and isinstance(ckpt.get("model"), dict)):
-        raise CheckpointError(f"{path} is a PyTorch file but not a umd checkpoint "
-                              "(no 'model' weights and model config)")
-    return ckpt
-
-
 def parse_log_line(line):
     """A log record, or None for a line that is not one (half-written by a crash, or damaged)."""
     try:
@@ -167,8 +145,10 @@ class LossMeter:
         self.steps, self.start = 0, time.time()
 
     @torch.no_grad()
-    def add(self, step, loss, stats):
-        loss = loss.detach()
+    def add(self, step, losses):
+        """One step's (loss, stats) of each micro-batch: the step's loss is their mean."""
+        loss = torch.stack([l.detach() for l, _ in losses]).mean()
+        stats = {k: torch.stack([s[k] for _, s in losses]).mean() for k in losses[0][1]}
         if self.present is None:  # which groups this rank has is the same at every step
             self.groups = ("loss_t0" in stats, "loss_t" in stats)  # on the host, for the log
             self.present = torch.tensor([1.0, *self.groups],
@@ -211,17 +191,22 @@ def claim(out):
 
 
 class Run:
-    """The run folder as the loop sees it: config.json, log.jsonl, ckpt.pt, a progress bar and
-    Ctrl-C. The first Ctrl-C (or SIGTERM) lets the step finish, save and stop at the next log
-    point; a second aborts at once, and never in the middle of a checkpoint write."""
+    """The run folder as the loop sees it: config.json, log.jsonl, ckpt.pt, a progress bar,
+    the in-training probe and Ctrl-C. After every step, end_step() keeps the losses and, at log
+    points, logs, probes and saves. The first Ctrl-C (or SIGTERM) lets the step finish, save and
+    stop at the next log point; a second aborts at once, never in the middle of a checkpoint
+    write. probe(step) -> log fields; state(step) -> the checkpoint dict."""
 
-    def __init__(self, out, lock, info, resumed, world, device, stop_step):
+    def __init__(self, out, lock, info, resumed, world, device, stop_step, probe=None,
+                 probe_steps=0, state=None):
         self.out, self.lock, self.world, self.device = Path(out), lock, world, device
         self.main = main_process = lock is not None
-        self.ckpt, self.step = self.out / "ckpt.pt", info["step"]
-        self.steps_per_epoch = info["steps_per_epoch"]
+        self.ckpt, self.step, self.info = self.out / "ckpt.pt", info["step"], info
+        self.steps_per_epoch, self.stop_step = info["steps_per_epoch"], stop_step
+        self.probe, self.probe_steps, self.state = probe, probe_steps, state
         self.saved_step = self.step if resumed else None  # the checkpoint on disk
         self.meter, self.stop, self.last_save = LossMeter(device), False, time.time()
+        self.last_loss = float("nan")
         if main_process:  # the log: empty for a new run; on resume, cut back to the checkpoint
             write_json(info, self.out / "config.json")
             log = self.out / "log.jsonl"
@@ -234,6 +219,9 @@ class Run:
     def __enter__(self):
         signals = (signal.SIGINT, signal.SIGTERM)
         self.previous = {s: signal.signal(s, self._on_signal) for s in signals}
+        if self.probe and self.step == 0:  # the untrained network and raw pixels: the numbers to beat
+            self.log({"step": 0, "epoch": 0.0, **self.probe(0)})
+        self.meter.restart()
         return self
 
     def _on_signal(self, signum, frame):
@@ -247,15 +235,31 @@ class Run:
             self.lock.close()
         for s, h in self.previous.items():
             signal.signal(s, h)
+        kept = (f"{self.ckpt} (step {self.saved_step}) is kept" if self.saved_step is not None
+                else "no checkpoint was written yet")
         if kind is KeyboardInterrupt:  # a second Ctrl-C: no time to save
-            kept = (f"{self.ckpt} (step {self.saved_step}) is kept" if self.saved_step is not None
-                    else "no checkpoint was written yet")
             raise KeyboardInterrupt(f"aborted at step {self.step} by a second Ctrl-C; {kept}")
+        if kind is not None and issubclass(kind, torch.OutOfMemoryError):
+            raise TrainError(out_of_memory_line(self.info, self.device, self.saved_step)) from None
 
-    def add(self, step, loss, stats):
-        self.meter.add(step, loss, stats)
-        self.step = step + 1
+    def end_step(self, step, lr, losses):
+        """After step `step` - 1: keep its losses; at a log point, log (and probe, and save when
+        due). True when a Ctrl-C asks the loop to stop."""
+        self.meter.add(step - 1, losses)
+        self.step = step
         self.bar.update(1)
+        log_every = self.info["log_every"]
+        probe_due = self.probe_steps > 0 and (step % self.probe_steps == 0 or step == self.stop_step)
+        if not self.at_log_point(step % log_every == 0 or step == self.stop_step or probe_due):
+            return False
+        rec = self.losses(step, lr, self.info["batch_size"])
+        if self.probe and probe_due:
+            rec.update(self.probe(step))
+        self.log(rec)
+        if step == self.stop_step or self.save_due(self.info["ckpt_minutes"]):
+            self.save(self.state(step))
+        self.meter.restart()  # probes and checkpoints are not training time
+        return self.stop
 
     def at_log_point(self, due):
         """Every rank must reach the same log points: a Ctrl-C under DDP waits for a regular one."""
@@ -280,6 +284,7 @@ class Run:
         rec.update({k: v for k, v, p in (("loss_t0", loss_t0, has_t0), ("loss_t", loss_t, has_t))
                     if p})
         rec.update(lr=lr, img_per_s=n * batch_size / seconds)
+        self.last_loss = loss
         self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         return rec
 
@@ -315,6 +320,20 @@ class Run:
             tqdm.write(f"interrupted at step {step}: checkpoint saved to {self.ckpt}; "
                        f"continue with --resume --out {self.out}")
         return 130
+
+
+def out_of_memory_line(info, device, saved_step):
+    """Out of memory in a step: which device, how much it holds, and the --grad-accum to try."""
+    where = (f"{torch.cuda.get_device_name(device)} "
+             f"({torch.cuda.get_device_properties(device).total_memory / 2 ** 30:.0f} GiB)"
+             if device.type == "cuda" else "the CPU")
+    accum = 2 * info["grad_accum"]
+    micro = info["batch_size"] // (info["world_size"] * info["grad_accum"])
+    go_on = (f"{info['out']}/ckpt.pt (step {saved_step}) is kept: go on with --resume --out "
+             f"{info['out']} --grad-accum {accum}" if saved_step is not None else
+             f"no checkpoint was written yet: start again with --grad-accum {accum}")
+    return (f"out of memory on {where} with micro-batches of {micro} images; {go_on} "
+            "(half the memory for activations, the same recipe)")
 
 
 def checkpoint(model, ema, opt, scaler, step, steps_per_epoch, args, data):

@@ -22,17 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from machinery import CheckpointError, read_checkpoint
-
-CLEAN = 0  # the time input of a clean image: the noise-free step and the probes
-
-
-def time_input(t):
-    """The network's time input for diffusion step t in [0, T-1]: t + 1, so that CLEAN (0) always
-    means "no noise at all" and never collides with t = 0, which is already (slightly) noised."""
-    return t + 1
-
-
 # width, encoder depth, decoder depth, heads: small/base/large are official; tiny is for CPUs
 SIZES = {
     "tiny": (192, 6, 2, 3),
@@ -177,7 +166,8 @@ class UMDModel(nn.Module):
         return unpatchify(x, self.patch_size, 2 * self.channels)  # [B, 2C, H, W]
 
     def forward(self, x, time_in, y=None, ids_keep=None, ids_restore=None):
-        """x [B, C, H, W]; time_in: LongTensor[B], CLEAN (0) or time_input(t) for diffusion step t;
+        """x [B, C, H, W]; time_in: LongTensor[B], 0 for a clean image, t + 1 for diffusion step t
+        (corruption.CLEAN and corruption.time_input);
         y: labels [B] or None (the null label); ids_keep/ids_restore from
         corruption.random_masking (None = no masking).
         Returns [B, 2C, H, W]: channels [:C] predict x0, [C:] predict eps."""
@@ -188,8 +178,9 @@ class UMDModel(nn.Module):
     @torch.no_grad()
     def features(self, x, time_in=None):
         """The representation [B, d]: mean of the class tokens (encoder only, no masking); the
-        clean image (time input CLEAN) unless another time input is given."""
-        time_in = torch.full((x.shape[0],), CLEAN, device=x.device) if time_in is None else time_in
+        clean image (time input 0) unless another time input is given."""
+        if time_in is None:  # time input 0: a clean image (corruption.CLEAN)
+            time_in = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return self.encode(x, self.condition(time_in))[0]
 
 
@@ -226,6 +217,29 @@ def param_groups(model, weight_decay):
     skip = lambda n: n.endswith("bias") or n in ("cls_tokens", "mask_token")
     return [dict(params=[p for n, p in named if not skip(n)], weight_decay=weight_decay),
             dict(params=[p for n, p in named if skip(n)], weight_decay=0.0)]
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as a checkpoint of this project."""
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict of a umd run, checked: one clear CheckpointError otherwise."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file; pass the ckpt.pt of a run "
+                              "(runs/<name>/ckpt.pt)")
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}); "
+                              "pass the ckpt.pt of a umd run")
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not (isinstance(model, dict) and {"size", "patch_size"} <= set(model)
+            and isinstance(ckpt.get("model"), dict)):
+        raise CheckpointError(f"{path} is a PyTorch file but not a umd checkpoint "
+                              "(no 'model' weights and model config)")
+    return ckpt
 
 
 def load_checkpoint(path, device="cpu", ema=True):

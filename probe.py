@@ -23,11 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from corruption import cosine_alphas_cumprod, q_sample
+from corruption import CLEAN, cosine_alphas_cumprod, q_sample, time_input
 from data import DataError, Stream, derive_seed, load_dataset, to_float
-from devices import pick
-from machinery import CheckpointError, FlagError, command_line, write_json, writable
-from model import CLEAN, load_checkpoint, time_input
+from devices import autocast, pick, precision
+from machinery import FlagError, command_line, write_json, writable
+from model import CheckpointError, load_checkpoint
 
 NOISE_BLOCK = 1000  # feature noise is drawn per fixed block of images: independent of batch size
 
@@ -42,6 +42,7 @@ def extract_features(model, images, t=None, batch_size=None, seed=0, desc=None):
     batch_size = batch_size or (500 if dev.type == "cuda" else max(1, 4096 // model.num_patches))
     model.eval()
     abar = cosine_alphas_cumprod().to(dev)
+    amp = precision(dev)[0]  # bf16 where the device runs it natively, as train.py
     out = []
     for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
         x = to_float(images[s:s + batch_size].to(dev))
@@ -50,7 +51,7 @@ def extract_features(model, images, t=None, batch_size=None, seed=0, desc=None):
             ts = torch.full_like(time_in, t)
             x, time_in = (q_sample(x, ts, _block_noise(s, s + len(x), x.shape[1:], seed).to(dev),
                                    abar), time_input(ts))
-        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+        with autocast(dev, amp):
             out.append(model.features(x, time_in).float().cpu())
     model.train(was_training)
     return torch.cat(out)

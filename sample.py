@@ -21,12 +21,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from corruption import cosine_alphas_cumprod, q_sample, random_masking
+from corruption import CLEAN, cosine_alphas_cumprod, q_sample, random_masking, time_input
 from data import DataError, load_dataset, to_float
-from devices import pick
-from machinery import (CheckpointError, FlagError, check_finite, command_line, save_atomic,
-                       writable, write_json)
-from model import CLEAN, load_checkpoint, time_input, unpatchify
+from devices import autocast, pick, precision
+from machinery import FlagError, check_finite, command_line, save_atomic, writable, write_json
+from model import CheckpointError, load_checkpoint, unpatchify
 
 
 # ---------------------------------------------------------------------------- DDIM
@@ -101,29 +100,44 @@ def save_grid(images, path, ncol, pad=2):
 
 
 @torch.no_grad()
-def reconstruction_rows(model, x0, ts=(100, 300, 500, 800), seed=0):
-    """Per image, at UMD's mask ratios: original | masked input (75%, clean) | reconstruction,
-    then for each t: noised + masked input (37.5%) | x0 prediction. Visible pixels come from the
-    input on the clean step and from the eps head on noisy steps; masked ones from the x0 head."""
+def reconstruction_rows(model, x0, r_t0=0.5, mask_ratio_t0=0.75, mask_ratio=0.375,
+                        ts=(100, 300, 500, 800), seed=0):
+    """Per image, with a method's own settings: original, then where it has a noise-free step
+    (r_t0 > 0) masked input | reconstruction, then where it has noisy steps (r_t0 < 1), for each
+    t, noised (+ masked) input | x0 prediction. Visible pixels come from the input on the clean
+    step and from the eps head on noisy steps; masked ones from the x0 head."""
     g = torch.Generator(x0.device).manual_seed(seed)
     B, C, p, L = x0.shape[0], x0.shape[1], model.patch_size, model.num_patches
     pix = lambda m: unpatchify(m[:, :, None].expand(-1, -1, p * p * C), p, C)  # [B, L] -> pixels
-    ids_keep, mask, ids_restore = random_masking(B, L, 0.75, x0.device, g)
-    out = model(x0, torch.full((B,), CLEAN, device=x0.device), ids_keep=ids_keep,
-                ids_restore=ids_restore)[:, :C]
-    m = pix(mask)
-    cols = [x0, x0 * (1 - m), x0 * (1 - m) + out * m]
+    cols = [x0]
+    if r_t0 > 0:
+        ids_keep, mask, ids_restore = random_masking(B, L, mask_ratio_t0, x0.device, g)
+        out = model(x0, torch.full((B,), CLEAN, device=x0.device), ids_keep=ids_keep,
+                    ids_restore=ids_restore)[:, :C]
+        m = pix(mask)
+        cols += [x0 * (1 - m), x0 * (1 - m) + out * m]
     abar = cosine_alphas_cumprod().to(x0.device)
-    for t in ts:
+    for t in ts if r_t0 < 1 else ():
         tt = torch.full((B,), t, device=x0.device)
         x_t = q_sample(x0, tt, torch.randn(x0.shape, device=x0.device, generator=g), abar)
-        ids_keep, mask, ids_restore = random_masking(B, L, 0.375, x0.device, g)
+        ids_keep, mask, ids_restore = random_masking(B, L, mask_ratio, x0.device, g)
         out = model(x_t, time_input(tt), ids_keep=ids_keep, ids_restore=ids_restore)
         a = abar[t].float()
         from_eps = (x_t - (1 - a).sqrt() * out[:, C:]) / a.sqrt()
         m = pix(mask)
         cols += [x_t * (1 - m), (from_eps * (1 - m) + out[:, :C] * m).clamp(-1, 1)]
     return torch.stack(cols, 1).flatten(0, 1), len(cols)  # row-major: one row per image
+
+
+def reconstruction_columns(r_t0, mask_ratio_t0, mask_ratio, ts=(100, 300, 500, 800)):
+    """What reconstruction_rows' columns show, in words."""
+    cols = ["original"]
+    if r_t0 > 0:
+        cols.append(f"masked {100 * mask_ratio_t0:g}% | reconstruction")
+    if r_t0 < 1:
+        cols.append(f"(noised{f' + masked {100 * mask_ratio:g}%' if mask_ratio else ''} | x0 "
+                    f"prediction) at t = {', '.join(map(str, ts))}")
+    return " | ".join(cols)
 
 
 # ---------------------------------------------------------------------------- many samples
@@ -144,12 +158,13 @@ def generate(model, labels, n, steps=125, cfg_scale=None, eta=1.0, seed=0, batch
     dev = next(model.parameters()).device
     S, C = model.config["img_size"], model.channels
     g = torch.Generator(dev).manual_seed(seed)
+    amp = precision(dev)[0]  # bf16 where the device runs it natively, as train.py
     chunks = []
     with tqdm(total=n, desc=desc, unit="img", disable=n <= batch_size) as bar:
         for s in range(0, n, batch_size):
             b = min(batch_size, n - s)
             y = None if labels is None else labels[s:s + b].to(dev)
-            with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            with autocast(dev, amp):
                 chunks.append(ddim_sample(model, (b, C, S, S), steps, y, cfg_scale, eta, g,
                                           progress=n <= batch_size).cpu())
             bar.update(b)
@@ -234,13 +249,14 @@ def sample(args):
     start = time.time()
 
     if args.reconstruct:
-        dataset = ckpt["config"].get("train", {}).get("dataset", "cifar10")
-        ds = load_dataset(dataset, args.data_dir, model.config["img_size"])
+        run = ckpt["config"].get("train", {})  # the run's own method: what it was trained on
+        ds = load_dataset(run.get("dataset", "cifar10"), args.data_dir, model.config["img_size"])
+        settings = [run.get(k, d) for k, d in (("r_t0", 0.5), ("mask_ratio_t0", 0.75),
+                                                 ("mask_ratio", 0.375))]
         grid, ncol = reconstruction_rows(model, to_float(ds.test_x[:min(args.n, 8)].to(device)),
-                                         seed=args.seed)
+                                         *settings, seed=args.seed)
         size = save_grid(grid, out, ncol)
-        print(f"wrote {out} ({size[1]}x{size[0]} px): rows of original | masked 75% | "
-              "reconstruction | (noised + masked 37.5%, x0 prediction) at t = 100, 300, 500, 800")
+        print(f"wrote {out} ({size[1]}x{size[0]} px): rows of {reconstruction_columns(*settings)}")
         return 0
 
     if args.fid is not None:  # the network, the reference and the record first: they fail now

@@ -3,17 +3,20 @@ pre-trained checkpoint into a class-conditional generator.
 
     python train.py --dataset cifar10                      # UMD: GPU recipe with CUDA, else CPU
     python train.py --method dit                           # another method
-    python train.py --finetune runs/umd-small-p2/ckpt.pt   # class-conditional fine-tune
-    python train.py --resume --out runs/umd-small-p2       # continue exactly where it stopped
+    python train.py --finetune runs/umd-tiny-p4/ckpt.pt    # class-conditional fine-tune
+    python train.py --resume --out runs/umd-tiny-p4        # continue exactly where it stopped
+    python train.py --recipe gpu --grad-accum 4            # the recipe's batch on a smaller GPU
     torchrun --nproc_per_node 8 train.py                   # several GPUs (DDP)
 
-References: UMD, arXiv 2406.17688, and its official recipe (github.com/philippe-eecs/small-vision,
-big_vision/configs/ae_i1k.py, big_vision/trainers/train_ae.py); the loop's shape follows
-facebookresearch/DiT and karpathy/nanoGPT (train.py).
+The loop comes first; below it, how the run is built (setup). References: UMD, arXiv 2406.17688,
+and its official recipe (github.com/philippe-eecs/small-vision, big_vision/configs/ae_i1k.py,
+big_vision/trainers/train_ae.py); the loop's shape follows facebookresearch/DiT and
+karpathy/nanoGPT (train.py, gradient_accumulation_steps).
 """
 import copy
 import math
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -22,12 +25,157 @@ from tqdm import tqdm
 from config import NOISY_READOUT_T, ConfigError, get_args, resolve
 from corruption import cosine_alphas_cumprod, umd_loss
 from data import Batches, DataError, Stream, derive_seed, load_dataset_once, to_float
-from devices import noise_free_share, setup_device, wrap
-from machinery import (CheckpointError, FlagError, Run, TrainError, check_same_data, checkpoint,
-                       claim, command_line, read_checkpoint)
-from model import UMDModel, param_groups
+from devices import (autocast, micro_batches, noise_free_share, precision, setup_device,
+                     sync_grads, wrap)
+from machinery import (FlagError, Run, TrainError, check_same_data, checkpoint, claim,
+                       command_line)
+from model import CheckpointError, UMDModel, param_groups, read_checkpoint
 from probe import QuickProbe
 from sample import reconstruction_rows, save_grid
+
+
+def train(args):
+    """Train until the run's last step (or a Ctrl-C); the run itself is built by setup()."""
+    r = setup(resolve(args))
+    a, step = r.args, r.step
+    with r.run:
+        while step < r.stop_step:
+            # the step's learning rate and randomness come from (seed, step) alone
+            lr = lr_at(step, r.total_steps, r.warmup_steps, r.peak_lr)
+            for group in r.opt.param_groups:
+                group["lr"] = lr
+
+            # forward and backward of each micro-batch (one, unless --grad-accum): micro-batch i
+            # takes the images, noise-free share and random draws of the DDP rank it stands for
+            losses = []
+            for part in r.parts:
+                r.gen.manual_seed(derive_seed(a.seed, Stream.STEP, step, part.rank))
+                x0, y = r.batches.get(step, r.gen, part.rank)
+                with autocast(r.device, r.amp), sync_grads(r.net, part.last):
+                    loss, stats = umd_loss(r.net, x0, r_t0=a.r_t0, n0=part.n0,
+                                           mask_ratio=a.mask_ratio, mask_ratio_t0=a.mask_ratio_t0,
+                                           alphas_cumprod=r.alphas_cumprod,
+                                           y=y if r.conditional else None,
+                                           label_dropout=a.label_dropout, generator=r.gen)
+                    r.scaler.scale(loss / len(r.parts)).backward()  # gradients add up
+                losses.append((loss, stats))
+
+            # clip, optimizer step, EMA
+            r.scaler.unscale_(r.opt)
+            torch.nn.utils.clip_grad_norm_(r.params, a.grad_clip)
+            r.scaler.step(r.opt)
+            r.scaler.update()
+            r.opt.zero_grad(set_to_none=True)
+            update_ema(r.ema_params, r.params, ema_decay_at(step, a))
+            step += 1
+
+            # log, probe and save at log points only: nowhere else does the host wait
+            if r.run.end_step(step, lr, losses):
+                return r.run.interrupted(step)
+    r.finish()
+    return 0
+
+
+def lr_at(step, total, warmup, peak):
+    """Linear warm-up, then cosine decay to 0 at the end of the schedule."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def ema_decay_at(step, args):
+    """Pre-training warms the EMA up, so that short runs still average recent weights; the
+    fine-tune uses its fixed decay from the first step."""
+    return min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
+
+
+@torch.no_grad()
+def update_ema(ema_params, params, decay):
+    torch._foreach_lerp_(ema_params, params, 1 - decay)  # ema <- decay * ema + (1 - decay) * params
+
+
+# ---------------------------------------------------------------------------- building the run
+def setup(args):
+    """Everything the loop uses: the device and its precision, the data, the network, its EMA and
+    AdamW (fresh, fine-tuned or resumed), the micro-batches, and the run folder."""
+    device, rank, world = setup_device(args.device)
+    main_process = rank == 0
+    say = tqdm.write if main_process else (lambda *a: None)
+    # each micro-batch is one (virtual) rank's share: checked before any work
+    parts = micro_batches(args.batch_size, args.r_t0, rank, world, args.grad_accum)
+    lock = claim(args.out) if main_process else None  # one run per folder
+    amp, use_compile, why = precision(device, args.amp, args.compile)
+
+    # the data; every step's batch is rebuilt from (seed, step) alone, so resume is exact
+    ds = load_dataset_once(args.dataset, args.data_dir, args.img_size, rank, world)
+    batches = Batches(ds.train_x, ds.train_y, args.batch_size, args.seed, device, args.min_area,
+                      world * args.grad_accum)
+    data = dict(num_classes=ds.num_classes, train_images=len(ds.train_x),
+                img_size=ds.train_x.shape[-1])
+    steps_per_epoch = batches.steps_per_epoch
+    total_steps = round(args.epochs * steps_per_epoch)
+    if total_steps < 1:
+        raise TrainError(f"--epochs {args.epochs} is less than one step of {steps_per_epoch} "
+                         "per epoch; train longer")
+    stop_step = min(total_steps, args.max_steps or total_steps)
+
+    # the model, its EMA and the optimizer; compile and AMP follow the machine the run is on now
+    resumed = read_checkpoint(f"{args.out}/ckpt.pt", device) if args.resume else None
+    if resumed:
+        check_same_data(resumed, data, args.out)
+    model, ema, opt = build(args, ds, device, resumed)
+    # the last rank has the fewest noise-free images; with none and no masking, the mask token
+    # gets no gradient there, and DDP must be told
+    last = world * args.grad_accum - 1
+    idle_mask_token = (noise_free_share(args.batch_size, args.r_t0, last, last + 1) == 0
+                       and args.mask_ratio == 0)
+    net = wrap(model, device, world, use_compile, idle_mask_token)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # loss scaling, fp16 only
+    if resumed and resumed.get("scaler"):
+        scaler.load_state_dict(resumed["scaler"])
+
+    # the in-training probe (rank 0; every rank stops at its steps, as log points hold collectives)
+    probe = QuickProbe(ds) if main_process and args.probe_every > 0 else None
+    probe_t = NOISY_READOUT_T if args.r_t0 == 0 else None  # dit/maskdit never saw a clean image
+    probe_steps = max(1, round(args.probe_every * steps_per_epoch)) if args.probe_every > 0 else 0
+
+    step = resumed["step"] if resumed else 0
+    n_params = sum(p.numel() for p in model.parameters())
+    peak_lr = args.lr * args.batch_size / 256
+    info = dict(vars(args), compile=use_compile, amp=amp, world_size=world, device=str(device),
+                steps_per_epoch=steps_per_epoch, total_steps=total_steps, params=n_params,
+                torch=torch.__version__, step=step, data=data)
+    if args.recipe == "cpu" and not args.resume:
+        say(f"{'on the CPU: ' if device.type == 'cpu' else ''}the CPU "
+            f"{'fine-tune ' if args.finetune else ''}recipe fills every flag not given; "
+            "--recipe gpu for the official hyper-parameters")
+    accum = f" in {args.grad_accum} micro-batches" if args.grad_accum > 1 else ""
+    say(f"{args.method}: {args.model}/p{args.patch_size}, {n_params / 1e6:.2f}M params, "
+        f"{'conditional, ' if model.num_classes is not None else ''}batch {args.batch_size}"
+        f"{accum} on {world}x {device}, peak lr {peak_lr:.3g}, amp {amp}, compile {use_compile} "
+        f"({why}); steps {step} -> {stop_step} of {total_steps} ({steps_per_epoch}/epoch); "
+        f"writing {args.out}")
+    run = Run(args.out, lock, info, args.resume, world, device, stop_step,
+              probe=probe and (lambda at: probe.report(model, ema, probe_t, at)),
+              probe_steps=probe_steps,
+              state=lambda at: checkpoint(model, ema, opt, scaler, at, steps_per_epoch, args,
+                                          data))
+
+    def finish():  # a picture to look at: test images corrupted as the run's method does
+        if main_process:
+            x0 = to_float(ds.test_x[:8].to(device))
+            grid, ncol = reconstruction_rows(ema, x0, args.r_t0, args.mask_ratio_t0, args.mask_ratio)
+            save_grid(grid, f"{args.out}/reconstruction.png", ncol)
+        say(f"done: step {stop_step} ({stop_step / steps_per_epoch:.2f} epochs), loss "
+            f"{run.last_loss:.4f}; {args.out}/ckpt.pt, {args.out}/reconstruction.png")
+
+    return SimpleNamespace(
+        args=args, device=device, amp=amp, batches=batches, parts=parts, model=model, net=net,
+        opt=opt, scaler=scaler, params=list(model.parameters()),
+        ema_params=list(ema.parameters()), gen=torch.Generator(device),
+        alphas_cumprod=cosine_alphas_cumprod().to(device), conditional=model.num_classes is not None,
+        step=step, stop_step=stop_step, total_steps=total_steps,
+        warmup_steps=round(args.warmup * total_steps), peak_lr=peak_lr, run=run, finish=finish)
 
 
 def build(args, ds, device, resumed):
@@ -53,147 +201,14 @@ def build(args, ds, device, resumed):
                          f"but the data are {ds.train_x.shape[-1]}px")
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts at the loaded weights
+    # fused: one kernel for all parameters, on CUDA and on the CPU
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                            betas=(0.9, args.beta2), fused=device.type == "cuda")
+                            betas=(0.9, args.beta2), fused=True)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         ema.load_state_dict(resumed["ema"])
         opt.load_state_dict(resumed["optimizer"])
     return model, ema, opt
-
-
-def lr_at(step, total, warmup, peak):
-    """Linear warm-up, then cosine decay to 0 at the end of the schedule."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def ema_decay_at(step, args):
-    """Pre-training warms the EMA up, so that short runs still average recent weights; the
-    fine-tune uses its fixed decay from the first step."""
-    return min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
-
-
-@torch.no_grad()
-def update_ema(ema_params, params, decay):
-    torch._foreach_lerp_(ema_params, params, 1 - decay)  # ema <- decay * ema + (1 - decay) * params
-
-
-def train(args):
-    args = resolve(args)
-    device, rank, world = setup_device(args.device)
-    main_process = rank == 0
-    say = tqdm.write if main_process else (lambda *a: None)
-    lock = claim(args.out) if main_process else None  # one run per folder
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
-    amp = args.amp or ("off" if device.type == "cpu" else
-                       "bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if amp == "fp16" and device.type == "cpu":
-        raise TrainError("--amp fp16 needs CUDA; use --amp bf16 or off on the CPU")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-
-    # the data; every step's batch is rebuilt from (seed, step) alone, so resume is exact
-    ds = load_dataset_once(args.dataset, args.data_dir, args.img_size, rank, world)
-    batches = Batches(ds.train_x, ds.train_y, args.batch_size, args.seed, device, args.min_area,
-                      rank, world)
-    data = dict(num_classes=ds.num_classes, train_images=len(ds.train_x),
-                img_size=ds.train_x.shape[-1])
-    steps_per_epoch = batches.steps_per_epoch
-    total_steps = round(args.epochs * steps_per_epoch)
-    if total_steps < 1:
-        raise TrainError(f"--epochs {args.epochs} is less than one step of {steps_per_epoch} "
-                         "per epoch; train longer")
-    stop_step = min(total_steps, args.max_steps or total_steps)
-    warmup_steps, peak_lr = round(args.warmup * total_steps), args.lr * args.batch_size / 256
-
-    # the model, its EMA and the optimizer; compile and AMP follow the machine the run is on now
-    resumed = read_checkpoint(f"{args.out}/ckpt.pt", device) if args.resume else None
-    if resumed:
-        check_same_data(resumed, data, args.out)
-    model, ema, opt = build(args, ds, device, resumed)
-    step = resumed["step"] if resumed else 0
-    conditional = model.num_classes is not None
-    n0 = noise_free_share(args.batch_size, args.r_t0, rank, world)  # this rank's noise-free images
-    # the last rank has the fewest noise-free images; with none and no masking, the mask token
-    # gets no gradient there, and DDP must be told
-    idle_mask_token = (noise_free_share(args.batch_size, args.r_t0, world - 1, world) == 0
-                       and args.mask_ratio == 0)
-    net = wrap(model, device, world, use_compile, idle_mask_token)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # loss scaling, fp16 only
-    if resumed and resumed.get("scaler"):
-        scaler.load_state_dict(resumed["scaler"])
-    alphas_cumprod = cosine_alphas_cumprod().to(device)
-    params, ema_params = list(model.parameters()), list(ema.parameters())
-    gen = torch.Generator(device)
-    probe = QuickProbe(ds) if main_process and args.probe_every > 0 else None
-    probe_t = NOISY_READOUT_T if args.r_t0 == 0 else None  # dit/maskdit never saw a clean image
-    # every rank stops at the probe steps (log points hold collectives); rank 0 probes
-    probe_steps = max(1, round(args.probe_every * steps_per_epoch)) if args.probe_every > 0 else 0
-
-    n_params = sum(p.numel() for p in params)
-    info = dict(vars(args), compile=use_compile, amp=amp, world_size=world, device=str(device),
-                steps_per_epoch=steps_per_epoch, total_steps=total_steps, params=n_params,
-                torch=torch.__version__, step=step, data=data)
-    if args.recipe == "cpu" and not args.resume:
-        say(f"{'on the CPU: ' if device.type == 'cpu' else ''}the CPU "
-            f"{'fine-tune ' if args.finetune else ''}recipe fills every flag not given; "
-            "--recipe gpu for the official hyper-parameters")
-    say(f"{args.method}: {args.model}/p{args.patch_size}, {n_params / 1e6:.2f}M params, "
-        f"{'conditional, ' if conditional else ''}batch {args.batch_size} on {world}x {device}, "
-        f"peak lr {peak_lr:.3g}, amp {amp}, compile {use_compile}; steps {step} -> {stop_step} "
-        f"of {total_steps} ({steps_per_epoch}/epoch); writing {args.out}")
-
-    rec = {"loss": float("nan")}
-    with Run(args.out, lock, info, args.resume, world, device, stop_step) as run:
-        if probe and step == 0:  # the untrained network and raw pixels: the numbers to beat
-            run.log({"step": 0, "epoch": 0.0, **probe.report(model, ema, probe_t, 0)})
-        while step < stop_step:
-            # the step's learning rate and randomness come from (seed, step) alone
-            lr = lr_at(step, total_steps, warmup_steps, peak_lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            gen.manual_seed(derive_seed(args.seed, Stream.STEP, step, rank))
-            x0, y = batches.get(step, gen)
-
-            # forward: the UMD loss of the noise-free and the mixed group (corruption.py)
-            with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-                loss, stats = umd_loss(net, x0, r_t0=args.r_t0, n0=n0, mask_ratio=args.mask_ratio,
-                                       mask_ratio_t0=args.mask_ratio_t0,
-                                       alphas_cumprod=alphas_cumprod,
-                                       y=y if conditional else None,
-                                       label_dropout=args.label_dropout, generator=gen)
-            # backward, clip, optimizer step, EMA
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            update_ema(ema_params, params, ema_decay_at(step, args))
-            run.add(step, loss, stats)
-            step += 1
-
-            # log, probe and save at log points only: nowhere else does the host wait
-            probe_due = probe_steps > 0 and (step % probe_steps == 0 or step == stop_step)
-            if run.at_log_point(step % args.log_every == 0 or step == stop_step or probe_due):
-                rec = run.losses(step, lr, args.batch_size)
-                if probe and probe_due:
-                    rec.update(probe.report(model, ema, probe_t, step))
-                run.log(rec)
-                if step == stop_step or run.save_due(args.ckpt_minutes):
-                    run.save(checkpoint(model, ema, opt, scaler, step, steps_per_epoch, args, data))
-                run.meter.restart()
-                if run.stop:
-                    return run.interrupted(step)
-
-    # a picture to look at: masked and noised test images and what the EMA model predicts
-    if main_process:
-        grid, ncol = reconstruction_rows(ema, to_float(ds.test_x[:8].to(device)))
-        save_grid(grid, f"{args.out}/reconstruction.png", ncol)
-    say(f"done: step {step} ({step / steps_per_epoch:.2f} epochs), loss {rec['loss']:.4f}; "
-        f"{args.out}/ckpt.pt, {args.out}/reconstruction.png")
-    return 0
 
 
 def main(argv=None):

@@ -69,3 +69,16 @@ def test_bench_machine_and_bad_flags(tmp_path):
     for flags in (["--runs", "umd:fast"], ["--steps", "0"]):
         r = run_script("tools/bench.py", *flags, "--device", "cpu")
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_bench_reports_memory_per_image_and_cpu_mfu(tmp_path):
+    r = run_script("tools/bench.py", "--runs", "umd:eager", "--model", "tiny", "--patch-size", "4", "--device", "cpu",
+                   "--batch-size", "16", "--steps", "1", "--warmup", "0", "--json", tmp_path / "b.json")
+    assert r.returncode == 0, r.stderr
+    run, = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert 0.5 < run["mib_per_img"] < 200  # activations of tiny/4: a few MiB an image
+    assert 0 < run["mfu"] < 1.5  # against this CPU's own matmul, measured at the step's shapes
+    r = run_script("tools/bench.py", "--machine", "--device", "cpu", "--backend", "aot_eager", "--json", tmp_path / "m.json")
+    info = json.loads((tmp_path / "m.json").read_text())
+    assert info["matmul_gflops_fp32"] > 1 and info["matmul_gflops_bf16"] > 0
+    assert info["default"].startswith("amp bf16, compile True" if info["native_bf16"] else "amp off, compile False")

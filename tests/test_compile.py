@@ -3,7 +3,8 @@ would compile on a GPU, at a fraction of the compile time): train.py's step comp
 every method and the fine-tune, into the expected graphs (umd 2, one per group; the others 1),
 and never again after the first step, through log points, probes and learning-rate changes; no
 host-device synchronisation inside a step between log points; DDP with compile on 2 gloo
-processes trains and matches one process doing both ranks' work; the compile preflight."""
+processes trains and matches one process doing both ranks' work; exact resume with compile and
+bf16 on the CPU; the compile preflight."""
 import json
 from collections import Counter
 
@@ -61,6 +62,8 @@ CASES = {  # method flags, graphs expected (one per group of the batch that has 
     "dit": (["--method", "dit"], 1),
     "maskdit": (["--method", "maskdit"], 1),
     "finetune": (["--finetune", "{ckpt}"], 2),  # umd's fine-tune: 1 noise-free image of 32, 31 noisy ones
+    "umd-accum": (["--grad-accum", "2"], 2),  # two equal micro-batches: the same two graphs serve both
+    "umd-bf16": (["--amp", "bf16"], 2),  # what a CPU with native bf16 runs by default
 }
 
 
@@ -74,13 +77,13 @@ def flags(case, pretrained):
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_step_compiles_once_into_the_expected_graphs(case, data_dir, pretrained, tmp_path, aot_eager, monkeypatch):
     argv, expected = flags(case, pretrained)
-    per_step, real_add = [], machinery.Run.add
+    per_step, real_end_step = [], machinery.Run.end_step
 
-    def add(self, step, loss, stats):  # after each step: what dynamo has compiled so far
-        real_add(self, step, loss, stats)
+    def end_step(self, step, lr, losses):  # after each step: what dynamo has compiled so far
         per_step.append(graphs_and_breaks())
+        return real_end_step(self, step, lr, losses)
 
-    monkeypatch.setattr(machinery.Run, "add", add)
+    monkeypatch.setattr(machinery.Run, "end_step", end_step)
     # 46 steps per epoch: probes at steps 0, 3 and 6, log points every 2 steps, the lr warming up
     argv += ["--data-dir", data_dir, "--compile", "--epochs", "1", "--max-steps", "6", "--log-every", "2",
              "--probe-every", "0.065", "--out", tmp_path / "run"]
@@ -184,15 +187,15 @@ def one_process_doing_both_ranks(argv, steps):
     ds, device = load_dataset("cifar10", args.data_dir), torch.device("cpu")
     model, ema, opt = train.build(args, ds, device, None)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    batches = [Batches(ds.train_x, ds.train_y, args.batch_size, args.seed, device, args.min_area, r, 2) for r in (0, 1)]
-    total = round(args.epochs * batches[0].steps_per_epoch)
+    batches = Batches(ds.train_x, ds.train_y, args.batch_size, args.seed, device, args.min_area, 2)
+    total = round(args.epochs * batches.steps_per_epoch)
     ac, gen = train.cosine_alphas_cumprod(), torch.Generator()
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = train.lr_at(step, total, round(args.warmup * total), args.lr * args.batch_size / 256)
         for rank in (0, 1):
             gen.manual_seed(derive_seed(args.seed, Stream.STEP, step, rank))
-            x0, _ = batches[rank].get(step, gen)
+            x0, _ = batches.get(step, gen, rank)
             loss, _ = umd_loss(model, x0, r_t0=args.r_t0, n0=devices.noise_free_share(args.batch_size, args.r_t0, rank, 2),
                                mask_ratio=args.mask_ratio, mask_ratio_t0=args.mask_ratio_t0, alphas_cumprod=ac,
                                generator=gen)
@@ -224,6 +227,22 @@ def test_ddp_with_compile_on_two_gloo_processes_matches_one_process(data_dir, tm
         for k, v in ref.items():
             got = ckpt[name][k]
             assert torch.allclose(got, v, rtol=1e-4, atol=1e-6), (name, k, (got - v).abs().max().item())
+
+
+def test_resume_with_compile_and_bf16_on_the_cpu_is_exact(data_dir, tmp_path, aot_eager):
+    common = ["--data-dir", data_dir, *TINY, "--epochs", "1", "--probe-every", "0", "--log-every", "1",
+              "--compile", "--amp", "bf16"]
+    run = lambda *argv: train.train(config.get_args(list(map(str, [*common, *argv]))))
+    assert run("--max-steps", 6, "--out", tmp_path / "a") == 0
+    assert run("--max-steps", 3, "--out", tmp_path / "b") == 0
+    assert train.train(config.get_args(list(map(str, [
+        "--data-dir", data_dir, "--resume", "--out", tmp_path / "b", "--max-steps", 6])))) == 0
+    log = lambda d: [json.loads(l) for l in (d / "log.jsonl").read_text().splitlines()]
+    config_ = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config_["amp"] == "bf16" and config_["compile"] is True
+    assert [r["loss"] for r in log(tmp_path / "a")] == [r["loss"] for r in log(tmp_path / "b")]
+    ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
 
 
 def test_compile_preflight(monkeypatch):

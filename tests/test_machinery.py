@@ -25,6 +25,28 @@ def one_error_line(capsys, prog):
     return err[0]
 
 
+@pytest.mark.parametrize("native,amp,compile_,want", [
+    (True, None, None, ("bf16", True, "a CPU with native bf16")),
+    (False, None, None, ("off", False, "a CPU without native bf16")),
+    (True, "off", False, ("off", False, "a CPU with native bf16; --amp and --compile given")),
+    (False, "bf16", None, ("bf16", False, "a CPU without native bf16; --amp given")),
+])
+def test_precision_follows_the_cpu_and_the_flags(monkeypatch, native, amp, compile_, want):
+    import devices
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert devices.precision(torch.device("cpu"), amp, compile_) == want
+
+
+def test_train_says_what_precision_it_chose_and_why(cifar_dir, tmp_path, monkeypatch, capsys):
+    from conftest import TINY, run_main
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert run_main(["--data-dir", cifar_dir, *TINY, "--no-compile", "--max-steps", 1, "--out", tmp_path / "r"]) == 0
+    assert "amp bf16, compile False (a CPU with native bf16; --compile given)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["amp"] == "bf16" and saved["compile"] is False
+
+
 def test_noise_free_share_of_the_global_batch():
     for batch, r_t0, world in [(1024, 0.5, 8), (256, 0.05, 8), (256, 0.05, 16), (32, 0.25, 3)]:
         shares = [noise_free_share(batch, r_t0, rank, world) for rank in range(world)]

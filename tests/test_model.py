@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from corruption import cosine_alphas_cumprod, random_masking, umd_loss
-from machinery import CheckpointError
+from model import CheckpointError
 from model import SIZES, build_model, load_checkpoint
 
 torch.manual_seed(0)

@@ -216,17 +216,112 @@ def test_lr_schedule():
     ["--method", "umd"],
     ["--method", "dit"],  # the mask token gets no gradient on any rank
     # one noise-free image in the batch: one rank runs two forwards, the other one, and only the
-    # first uses the mask token
+    # first uses the mask token (it cannot split over micro-batches: no --grad-accum twin)
     ["--finetune", "{tiny_run}"],
-], ids=["umd", "dit", "finetune"])
-def test_two_process_gloo_run_under_torchrun(cifar_dir, tiny_run, tmp_path, flags):
+    ["--finetune", "{tiny_run}", "--batch-size", "40"],  # 2 noise-free images: one per rank
+], ids=["umd", "dit", "finetune", "finetune-even"])
+def test_two_process_gloo_run_under_torchrun_and_its_grad_accum_twin(cifar_dir, tiny_run, tmp_path, flags):
     out = tmp_path / "ddp"
     flags = [str(tiny_run / "ckpt.pt") if f == "{tiny_run}" else f for f in flags]
     tiny = TINY if flags[0] != "--finetune" else TINY[4:]  # a fine-tune keeps the checkpoint's network
-    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-                   "--data-dir", cifar_dir, *tiny, *flags, "--max-steps", 3, "--out", out)
+    common = ["--data-dir", cifar_dir, *tiny, *flags, "--max-steps", 3]
+    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *common,
+                   "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert [rec["step"] for rec in log(out)] == [1, 2, 3]  # one log, written by rank 0 only
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    if flags[1:] == [] or flags[-1] != str(tiny_run / "ckpt.pt"):
+        # one process, --grad-accum 2: micro-batch i is rank i, so the same losses and weights
+        assert run_main([*common, "--grad-accum", 2, "--out", tmp_path / "accum"]) == 0
+        assert json.loads((tmp_path / "accum" / "config.json").read_text())["grad_accum"] == 2
+        for a, b in zip(log(out), log(tmp_path / "accum"), strict=True):
+            for k in ("loss", "loss_t0", "loss_t"):
+                assert math.isclose(a.get(k, 0), b.get(k, 0), rel_tol=1e-5), (k, a, b)
+        one = torch.load(tmp_path / "accum" / "ckpt.pt", weights_only=True)
+        for k, v in ckpt["model"].items():
+            assert torch.allclose(one["model"][k], v, rtol=1e-4, atol=1e-6), k
+
+
+def test_grad_accum_resumes_exactly_and_takes_over_after_out_of_memory(cifar_dir, tmp_path, monkeypatch, capsys):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    accum = ["--grad-accum", 2]
+    assert run_main(["--data-dir", cifar_dir, *TINY, *accum, "--max-steps", 6, "--out", a]) == 0
+    assert run_main(["--data-dir", cifar_dir, *TINY, *accum, "--max-steps", 3, "--out", b]) == 0
+    assert run_main(["--data-dir", cifar_dir, "--resume", "--out", b, "--max-steps", 6]) == 0
+    assert [r["loss"] for r in log(a)] == [r["loss"] for r in log(b)]  # exact, with the saved N
+    assert json.loads((b / "config.json").read_text())["grad_accum"] == 2
+    # out of memory at step 5 (4 saved): one line that says how to go on, then it goes on
+    calls, real = {"n": 0}, train.umd_loss
+
+    def out_of_memory(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train, "umd_loss", out_of_memory)
+    capsys.readouterr()
+    code = run_main(["--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0, "--out", c])
+    errors = [l for l in capsys.readouterr().err.splitlines() if "train.py:" in l]
+    assert code == 2 and len(errors) == 1, errors
+    assert "out of memory on the CPU with micro-batches of 32 images" in errors[0]
+    assert f"--resume --out {c} --grad-accum 2" in errors[0] and "(step 4) is kept" in errors[0]
+    assert torch.load(c / "ckpt.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(train, "umd_loss", real)
+    assert run_main(["--data-dir", cifar_dir, "--resume", "--out", c, *accum, "--max-steps", 6]) == 0
+    assert [r["step"] for r in log(c)] == [2, 4, 6]
+    assert json.loads((c / "config.json").read_text())["grad_accum"] == 2
+
+
+def test_ddp_with_grad_accum_averages_gradients_once_per_step(tmp_path):
+    import contextlib
+    import torch.distributed as dist
+    import devices
+    from corruption import cosine_alphas_cumprod, umd_loss
+    from model import UMDModel
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        net = devices.wrap(UMDModel("tiny", 8), torch.device("cpu"), 2, False, False)  # DDP
+        calls = []
+
+        def counting(state, bucket):  # DDP's all-reduce of one gradient bucket
+            calls.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        net.register_comm_hook(None, counting)
+        x0, ac = torch.rand(8, 3, 32, 32) * 2 - 1, cosine_alphas_cumprod()
+
+        def step(sync):  # all-reduce calls after each micro-batch's backward
+            seen = []
+            for part in devices.micro_batches(8, 0.5, 0, 1, 2):
+                with sync(part.last):
+                    loss, _ = umd_loss(net, x0[4 * part.rank:][:4], r_t0=0.5, n0=part.n0, mask_ratio=0.375,
+                                       mask_ratio_t0=0.75, alphas_cumprod=ac)
+                    loss.backward()
+                seen.append(len(calls))
+            return seen
+
+        for _ in range(2):  # DDP rebuilds its buckets after the first step: look at both
+            before = len(calls)
+            first, last = step(lambda last: devices.sync_grads(net, last))
+            assert first == before and last > before  # only the last micro-batch all-reduces
+        first, _ = step(lambda last: contextlib.nullcontext())  # the control: every micro-batch does
+        assert first > last
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--grad-accum", "3"], "the batch of 32 (16 noise-free) does not split into 3 equal micro-batches"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--r-t0", "0.05", "--grad-accum", "2"], "the batch of 32 (1 noise-free) does not split"),
+])
+def test_micro_batches_that_cannot_be_equal_are_one_line(cifar_dir, tmp_path, flags, message, capsys):
+    assert run_main(["--data-dir", cifar_dir, *TINY, *flags, "--out", tmp_path / "x"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x" / "ckpt.pt").exists()

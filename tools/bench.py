@@ -27,7 +27,6 @@ import copy
 import importlib.metadata
 import os
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -39,7 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from config import METHODS  # noqa: E402
 from corruption import cosine_alphas_cumprod, umd_loss  # noqa: E402
 from data import Batches  # noqa: E402
-from devices import compile_preflight, pick  # noqa: E402
+from devices import (autocast, compile_preflight, cpu_has_native_bf16, pick,  # noqa: E402
+                     precision)
 from machinery import FlagError, LossMeter, TrainError, write_json  # noqa: E402
 from model import SIZES, build_model, param_groups  # noqa: E402
 
@@ -73,11 +73,40 @@ def step_flops(size, patch_size, r_t0, mask_ratio, mask_ratio_t0, img_size=32):
     return 3 * fwd, r_t0 * keep0 + (1 - r_t0) * keep
 
 
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+def peak_flops(device, amp="bf16"):
+    """The FLOP/s that MFU divides by: a GPU's datasheet bf16 peak; on a CPU, its matmul measured
+    at the step's shapes in the step's precision."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return matmul_flops(torch.bfloat16 if amp == "bf16" else torch.float32)
+
+
+def matmul_flops(dtype, m=8704, k=192, n=768, seconds=1.0):
+    """FLOP/s of the CPU's best matmul at a step's shapes (tiny/4, batch 128: [8704 x 192] x
+    [192 x 768], and its MLP's [8704 x 768] x [768 x 192]), the best of repeated runs."""
+    best = 0.0
+    for a, b in (((m, k), (k, n)), ((m, n), (n, k))):
+        x, w = torch.randn(*a, dtype=dtype), torch.randn(*b, dtype=dtype)
+        x @ w  # warm-up: packing, thread pool
+        end = time.perf_counter() + seconds / 2
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            x @ w
+            best = max(best, 2 * a[0] * a[1] * b[1] / (time.perf_counter() - t))
+    return best
+
+
+def rss_bytes(peak=False):
+    """The process's resident memory now, or its peak since reset_peak_rss() (Linux)."""
+    key = "VmHWM:" if peak else "VmRSS:"
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
+
+
+def reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
 
 
 def compile_counts():
@@ -115,7 +144,7 @@ def bench(method, compiled, args, device):
     model = build_model(args.model, args.patch_size).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
     net = torch.compile(model, dynamic=False, backend=args.backend) if compiled else model
     ac = cosine_alphas_cumprod().to(device)
     total = 1 + args.warmup + args.steps
@@ -124,24 +153,26 @@ def bench(method, compiled, args, device):
     batches = Batches(images, torch.zeros(len(images), dtype=torch.long),
                       args.batch_size, 0, device)
     meter, gen = LossMeter(device), torch.Generator(device)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
     def step(i):  # train.py's step, in its order
         for group in opt.param_groups:
             group["lr"] = 1e-4 * (i + 1) / total
         gen.manual_seed(i)
         x0, _ = batches.get(i, gen)
-        with torch.autocast(device.type, amp, enabled=amp is not None):
+        with autocast(device, args.amp):
             loss, stats = umd_loss(net, x0, alphas_cumprod=ac, generator=gen, **preset)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch._foreach_lerp_(ema_params, params, 1 - 0.9999)
-        meter.add(i, loss, stats)
+        meter.add(i, [(loss, stats)])
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     graphs0, breaks0 = compile_counts()
+    if not cuda:  # the CPU allocator keeps what a step freed: measure growth from before it
+        base = rss_bytes()
+        reset_peak_rss()
     t = time.perf_counter()
     step(0)
     sync()
@@ -150,7 +181,8 @@ def bench(method, compiled, args, device):
     for i in range(1, 1 + args.warmup):
         step(i)
     sync()
-    if cuda:
+    if cuda:  # the caching allocator counts exactly: growth over weights, grads, AdamW, EMA
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with sync_watch(cuda) as syncs:
@@ -164,16 +196,16 @@ def bench(method, compiled, args, device):
             end.synchronize()
         seconds = start.elapsed_time(end) / 1000 if cuda else time.perf_counter() - t
     graphs2, breaks2 = compile_counts()
-    mem = (torch.cuda.max_memory_allocated() if cuda  # on the CPU: peak RSS
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+    peak_mem = torch.cuda.max_memory_allocated() if cuda else rss_bytes(peak=True)
     (loss, _, _), _, _, bad = meter.read(1)
     if bad >= 0:
         raise RuntimeError(f"the loss became non-finite at step {bad}")
     flops, tokens = step_flops(args.model, args.patch_size, **preset)
     img_s = args.steps * args.batch_size / seconds
-    peak = peak_flops(device)
+    peak = peak_flops(device, args.amp)
     return dict(method=method, compiled=compiled, tokens=tokens, gflop=flops / 1e9,
-                first_step_s=first, img_s=img_s, ms=1000 * seconds / args.steps, mem_gib=mem,
+                first_step_s=first, img_s=img_s, ms=1000 * seconds / args.steps,
+                mem_gib=peak_mem / 2 ** 30, mib_per_img=(peak_mem - base) / args.batch_size / 2 ** 20,
                 tflop_s=flops * img_s / 1e12, mfu=None if peak is None else flops * img_s / peak,
                 loss=loss, graphs=graphs1 - graphs0 if compiled else None,
                 recompiles=graphs2 - graphs1 if compiled else None,
@@ -225,6 +257,13 @@ def machine(device, backend):
             memory_gib=round(props.total_memory / 2 ** 30, 1),
             bf16=torch.cuda.is_bf16_supported(), cudnn=torch.backends.cudnn.version(),
             peak_bf16_tflops=None if peak_flops(device) is None else peak_flops(device) / 1e12)
+    else:  # what MFU divides by on a CPU, and what the default precision rests on
+        info.update(capability=torch.backends.cpu.get_cpu_capability(),
+                    native_bf16=cpu_has_native_bf16(),
+                    matmul_gflops_fp32=round(matmul_flops(torch.float32) / 1e9),
+                    matmul_gflops_bf16=round(matmul_flops(torch.bfloat16) / 1e9))
+    amp, use_compile, why = precision(device)
+    info["default"] = f"amp {amp}, compile {use_compile} ({why})"
     t = time.perf_counter()
     try:
         compile_preflight(device, backend)
@@ -238,18 +277,19 @@ def machine(device, backend):
 def table(rows, cuda):
     ok = [r for r in rows if "error" not in r]
     ref = next((r for r in ok if r["method"] == "dit"), None)
-    mem_label = "peak GiB" if cuda else "RSS GiB"
-    lines = [f"| method | enc. tokens/img | GFLOP/img | img/s | ms/step | {mem_label} | "
+    mem_label = "peak GiB" if cuda else "peak RSS GiB"
+    lines = [f"| method | enc. tokens/img | GFLOP/img | img/s | ms/step | {mem_label} | MiB/img | "
              "TFLOP/s | MFU | first step s | graphs | recompiles | graph breaks | syncs |"
              + (" time/img vs dit | FLOPs/img vs dit |" if ref else ""),
-             "|---" * (13 + 2 * bool(ref)) + "|"]
+             "|---" * (14 + 2 * bool(ref)) + "|"]
     dash = lambda v, f="{}": "-" if v is None else f.format(v)
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} |")
             continue
         line = (f"| {r['label']} | {r['tokens']:.0f} | {r['gflop']:.2f} | {r['img_s']:.0f} | "
-                f"{r['ms']:.1f} | {r['mem_gib']:.2f} | {r['tflop_s']:.2f} | "
+                f"{r['ms']:.1f} | {r['mem_gib']:.2f} | {r['mib_per_img']:.1f} | "
+                f"{r['tflop_s']:.2f} | "
                 f"{dash(r['mfu'] and 100 * r['mfu'], '{:.1f}%')} | {r['first_step_s']:.1f} | "
                 f"{dash(r['graphs'])} | {dash(r['recompiles'])} | {dash(r['graph_breaks'])} | "
                 f"{dash(r['syncs'])} |")
@@ -280,11 +320,11 @@ def get_args(argv=None):
                    help="untimed steps after the first one (default 5 on CUDA, 1 on the CPU)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: on with CUDA")
+                   help="default: as train.py (on with CUDA or a CPU with native bf16)")
     p.add_argument("--backend", default="inductor",
                    help="torch.compile backend (default inductor, as train.py)")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
-                   help="default bf16 on CUDA, off on the CPU")
+                   help="default: as train.py (bf16 with CUDA or a CPU with native bf16)")
     p.add_argument("--json", metavar="PATH",
                    help="also write every number here (rewritten after each run)")
     return p.parse_args(argv)
@@ -307,18 +347,15 @@ def main(argv=None):
                            else (1024 if cuda else 128))
         args.steps = args.steps if args.steps is not None else (20 if cuda else 5)
         args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-        args.compile = cuda if args.compile is None else args.compile
-        args.amp = args.amp or ("bf16" if cuda else "off")
+        args.amp, args.compile, _ = precision(device, args.amp, args.compile)  # as train.py
         if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
             raise BenchError("--batch-size must be at least 2, --steps at least 1, "
                              "--warmup at least 0")
         if args.patch_size < 1 or 32 % args.patch_size:
             raise BenchError(f"--patch-size {args.patch_size} must divide the 32-pixel image "
                              "(2, 4, 8)")
-        if args.amp == "fp16" and not cuda:
-            raise BenchError("--amp fp16 needs CUDA; use --amp bf16 or off on the CPU")
         runs = runs_of(args)
-    except (BenchError, FlagError) as e:
+    except (BenchError, FlagError, TrainError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
     name = (torch.cuda.get_device_name(device) if cuda

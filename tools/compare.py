@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import train  # noqa: E402
 from data import CIFAR_CLASSES, DataError, load_dataset  # noqa: E402
-from machinery import (CheckpointError, FlagError, check_finite, os_error_line,  # noqa: E402
+from machinery import (FlagError, check_finite, os_error_line,  # noqa: E402
                        read_log, save_atomic, write_json)
-from model import load_checkpoint  # noqa: E402
+from model import CheckpointError, load_checkpoint  # noqa: E402
 from probe import evaluate, extract_features, fewshot_indices  # noqa: E402
 from sample import class_labels, generate, to_uint8  # noqa: E402
 from tools.bench import forward_flops, step_flops  # noqa: E402

@@ -151,15 +151,15 @@ if bench:
     st = bench["settings"]
     md += ["", f"## Bench: {st['model']}/p{st['patch_size']}, batch {st['batch_size']}, amp {st['amp']}, "
            f"{st['steps']} timed steps after 1 + {st['warmup']}", "",
-           "| run | first step s | img/s | MFU | peak GiB | graphs | recompiles | graph breaks | syncs | time/img vs dit |",
-           "|---" * 10 + "|"]
+           "| run | first step s | img/s | MFU | peak GiB | MiB/img | graphs | recompiles | graph breaks | syncs | time/img vs dit |",
+           "|---" * 11 + "|"]
     ref = next((r for r in bench["runs"] if r["method"] == "dit" and "error" not in r), None)
     for r in bench["runs"]:
         if "error" in r:
             md.append(f"| {r['label']} | failed: {r['error']} |")
             continue
         md.append(f"| {r['label']} | {r['first_step_s']:.1f} | {r['img_s']:.0f} | {fmt(r['mfu'] and 100 * r['mfu'], '{:.1f}%')} | "
-                  f"{r['mem_gib']:.2f} | {fmt(r['graphs'], '{}')} | {fmt(r['recompiles'], '{}')} | "
+                  f"{r['mem_gib']:.2f} | {r['mib_per_img']:.1f} | {fmt(r['graphs'], '{}')} | {fmt(r['recompiles'], '{}')} | "
                   f"{fmt(r['graph_breaks'], '{}')} | {fmt(r['syncs'], '{}')} | "
                   f"{fmt(ref and ref['img_s'] / r['img_s'], '{:.2f}x')} |")
 if "train" in stages and not stages["train"]["numbers"]["steps"]:
