@@ -125,8 +125,8 @@ class BatchUnpickler(pickle.Unpickler):
     """Unpickles what a CIFAR-10 batch holds (builtin containers, numpy arrays) and nothing else:
     a plain pickle.load would run any function a planted file names (torchvision checks each
     file's MD5 instead; our folder may come from get-cifar10 or a copy, so we check the content)."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"),
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
                ("_codecs", "encode")}  # the last three: arrays and bytes pickled by Python 3
 

@@ -219,7 +219,7 @@ class Run:
     def __enter__(self):
         signals = (signal.SIGINT, signal.SIGTERM)
         self.previous = {s: signal.signal(s, self._on_signal) for s in signals}
-        if self.probe and self.step == 0:  # the untrained network and raw pixels: the numbers to beat
+        if self.probe and self.step == 0:  # the untrained network and raw pixels: numbers to beat
             self.log({"step": 0, "epoch": 0.0, **self.probe(0)})
         self.meter.restart()
         return self
@@ -249,7 +249,8 @@ class Run:
         self.step = step
         self.bar.update(1)
         log_every = self.info["log_every"]
-        probe_due = self.probe_steps > 0 and (step % self.probe_steps == 0 or step == self.stop_step)
+        probe_due = self.probe_steps > 0 and (step % self.probe_steps == 0
+                                              or step == self.stop_step)
         if not self.at_log_point(step % log_every == 0 or step == self.stop_step or probe_due):
             return False
         rec = self.losses(step, lr, self.info["batch_size"])

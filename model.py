@@ -88,7 +88,7 @@ def mlp2(dim):  # the condition trunk: Linear(d, 2d) -> SiLU -> Linear(2d, d)
 
 
 class UMDModel(nn.Module):
-    def __init__(self, size="small", patch_size=2, img_size=32, channels=3, num_classes=None,
+    def __init__(self, size="small", patch_size=2, img_size=32, num_classes=None, channels=3,
                  num_cls_tokens=4):
         super().__init__()
         if size not in SIZES:
@@ -96,8 +96,9 @@ class UMDModel(nn.Module):
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
         dim, depth, dec_depth, heads = SIZES[size]
-        self.config = dict(size=size, patch_size=patch_size, img_size=img_size, channels=channels,
-                           num_classes=num_classes, num_cls_tokens=num_cls_tokens)
+        self.config = dict(size=size, patch_size=patch_size, img_size=img_size,
+                           num_classes=num_classes, channels=channels,
+                           num_cls_tokens=num_cls_tokens)
         self.patch_size, self.channels, self.num_classes = patch_size, channels, num_classes
         self.dim = dim
         self.num_patches = (img_size // patch_size) ** 2
@@ -141,12 +142,13 @@ class UMDModel(nn.Module):
         x = x + self.pos_embed  # added before masking, so a kept patch knows where it was
         if ids_keep is not None:  # keep the visible patches: x[b, i] = x[b, ids_keep[b, i]]
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        k = self.cls_tokens.shape[1]
-        x = torch.cat([self.cls_tokens.expand(x.shape[0], -1, -1), x], dim=1)  # [B, k + n_keep, d]
+        n_cls = self.cls_tokens.shape[1]
+        cls_tokens = self.cls_tokens.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls_tokens, x], dim=1)  # [B, n_cls + n_keep, d]
         for block in self.encoder:
             x = block(x, c)
         x = self.enc_norm(x)
-        return x[:, :k].mean(dim=1), x[:, k:]  # [B, d], [B, n_keep, d]
+        return x[:, :n_cls].mean(dim=1), x[:, n_cls:]  # [B, d], [B, n_keep, d]
 
     def decode(self, rep, x, c, ids_restore=None):
         """(representation [B, d], encoded visible tokens [B, n_keep, d]) -> [B, 2C, H, W]."""
@@ -208,7 +210,7 @@ def initialize_weights(model):
 
 
 def build_model(size="small", patch_size=2, img_size=32, num_classes=None, channels=3):
-    return UMDModel(size, patch_size, img_size, channels, num_classes)
+    return UMDModel(size, patch_size, img_size, num_classes, channels)
 
 
 def param_groups(model, weight_decay):

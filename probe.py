@@ -1,8 +1,8 @@
 """Probe a checkpoint's representation on CIFAR-10: linear (MAE protocol), few-shot ridge
 (the official in-training probe), weighted kNN; or the same probes on raw pixels.
 
-    python probe.py runs/umd-small-p2/ckpt.pt             # linear probe, the number people quote
-    python probe.py runs/umd-small-p2/ckpt.pt --mode all  # linear + few-shot + kNN, one extraction
+    python probe.py runs/umd-tiny-p4/ckpt.pt             # linear probe, the number people quote
+    python probe.py runs/umd-tiny-p4/ckpt.pt --mode all  # linear + few-shot + kNN, one extraction
     python probe.py --pixels --mode all                   # the floor every representation must beat
 
 References:

@@ -2,8 +2,8 @@
 fine-tune), their FID, and masked-reconstruction pictures.
 
     python sample.py                                          # newest runs/*/ckpt.pt, 64 samples
-    python sample.py --ckpt runs/umd-small-p2-ft/ckpt.pt --cfg-scale 2   # one row per class
-    python sample.py --ckpt runs/umd-small-p2-ft/ckpt.pt --cfg-scale 2 --fid 10000   # FID-10k
+    python sample.py --ckpt runs/umd-tiny-p4-ft/ckpt.pt --cfg-scale 2   # one row per class
+    python sample.py --ckpt runs/umd-tiny-p4-ft/ckpt.pt --cfg-scale 2 --fid 10000   # FID-10k
     python sample.py --reconstruct                            # masked / noised inputs, predictions
 
 References:
@@ -91,9 +91,9 @@ def save_grid(images, path, ncol, pad=2):
     rows = -(-n // ncol)
     grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
     for i, im in enumerate(imgs):
-        r, k = divmod(i, ncol)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-             pad + k * (w + pad):pad + k * (w + pad) + w] = im
+        row, col = divmod(i, ncol)
+        grid[pad + row * (h + pad):pad + row * (h + pad) + h,
+             pad + col * (w + pad):pad + col * (w + pad) + w] = im
     image = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
     save_atomic(lambda f: image.save(f, format="PNG"), writable(path))
     return grid.shape
@@ -199,8 +199,8 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def check(args, k, ckpt_path):
-    """One line for every impossible request, before any work (k: the checkpoint's classes)."""
+def check(args, num_classes, ckpt_path):
+    """One line for every impossible request, before any work (num_classes: the checkpoint's)."""
     if not 1 <= args.steps <= 1000:
         raise FlagError(f"--steps {args.steps}: use 1..1000 DDIM steps")
     if args.n < 1 or args.batch_size < 1 or (args.fid is not None and args.fid < 2):
@@ -208,16 +208,16 @@ def check(args, k, ckpt_path):
     check_finite(args, FlagError)
     if not 0 <= args.eta <= 1:
         raise FlagError(f"--eta {args.eta}: use 0 (deterministic DDIM) .. 1 (the default)")
-    if k is None and (args.cfg_scale is not None or args.class_label is not None):
+    if num_classes is None and (args.cfg_scale is not None or args.class_label is not None):
         raise FlagError(f"{ckpt_path} is unconditional: --cfg-scale and --class-label need a "
                         "checkpoint fine-tuned with labels (train.py --finetune)")
-    if args.class_label is not None and not 0 <= args.class_label < k:
+    if args.class_label is not None and not 0 <= args.class_label < num_classes:
         raise FlagError(f"--class-label {args.class_label} is out of range: the checkpoint has "
-                        f"classes 0..{k - 1}")
+                        f"classes 0..{num_classes - 1}")
     if args.fid is not None and args.reconstruct:
         raise FlagError("--fid scores samples; drop --reconstruct")
-    if args.fid is not None and k and args.class_label is None and args.fid % k:
-        raise FlagError(f"--fid {args.fid}: use a multiple of the {k} classes "
+    if args.fid is not None and num_classes and args.class_label is None and args.fid % num_classes:
+        raise FlagError(f"--fid {args.fid}: use a multiple of the {num_classes} classes "
                         "(an equal number of samples per class)")
 
 
@@ -238,11 +238,11 @@ def sample(args):
     device = pick(args.device)
     ckpt_path = Path(args.ckpt) if args.ckpt else newest_checkpoint()
     model, ckpt = load_checkpoint(ckpt_path, device, ema=not args.raw)
-    k = model.num_classes
-    check(args, k, ckpt_path)
+    num_classes = model.num_classes
+    check(args, num_classes, ckpt_path)
     weights = "EMA" if ckpt.get("ema") is not None and not args.raw else "raw"
     tqdm.write(f"checkpoint {ckpt_path} ({weights} weights, step {ckpt.get('step')}, "
-               f"{'conditional' if k else 'unconditional'})")
+               f"{'conditional' if num_classes else 'unconditional'})")
     name = "reconstruction.png" if args.reconstruct else "samples.png"
     out = writable(args.out or ckpt_path.parent / name, "--out")  # checked before the work
     npz = writable(args.npz, "--npz") if args.npz else None
@@ -251,7 +251,7 @@ def sample(args):
     if args.reconstruct:
         run = ckpt["config"].get("train", {})  # the run's own method: what it was trained on
         ds = load_dataset(run.get("dataset", "cifar10"), args.data_dir, model.config["img_size"])
-        settings = [run.get(k, d) for k, d in (("r_t0", 0.5), ("mask_ratio_t0", 0.75),
+        settings = [run.get(key, d) for key, d in (("r_t0", 0.5), ("mask_ratio_t0", 0.75),
                                                  ("mask_ratio", 0.375))]
         grid, ncol = reconstruction_rows(model, to_float(ds.test_x[:min(args.n, 8)].to(device)),
                                          *settings, seed=args.seed)
@@ -276,9 +276,9 @@ def sample(args):
         print(f"FID-{n} against CIFAR-10 train: {value:.2f} ({time.time() - start:.0f}s in all)")
     # the picture: one row per class (at most 10 of each), or a square of at most 100
     if labels is not None and args.class_label is None:
-        per = n // k
+        per = n // num_classes
         ncol = min(per, 10)
-        shown = samples.view(k, per, *samples.shape[1:])[:, :ncol].flatten(0, 1)
+        shown = samples.view(num_classes, per, *samples.shape[1:])[:, :ncol].flatten(0, 1)
     else:
         shown = samples[:100]
         ncol = max(1, int(len(shown) ** 0.5))

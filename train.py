@@ -164,7 +164,8 @@ def setup(args):
     def finish():  # a picture to look at: test images corrupted as the run's method does
         if main_process:
             x0 = to_float(ds.test_x[:8].to(device))
-            grid, ncol = reconstruction_rows(ema, x0, args.r_t0, args.mask_ratio_t0, args.mask_ratio)
+            grid, ncol = reconstruction_rows(ema, x0, args.r_t0, args.mask_ratio_t0,
+                                             args.mask_ratio)
             save_grid(grid, f"{args.out}/reconstruction.png", ncol)
         say(f"done: step {stop_step} ({stop_step / steps_per_epoch:.2f} epochs), loss "
             f"{run.last_loss:.4f}; {args.out}/ckpt.pt, {args.out}/reconstruction.png")
@@ -173,7 +174,8 @@ def setup(args):
         args=args, device=device, amp=amp, batches=batches, parts=parts, model=model, net=net,
         opt=opt, scaler=scaler, params=list(model.parameters()),
         ema_params=list(ema.parameters()), gen=torch.Generator(device),
-        alphas_cumprod=cosine_alphas_cumprod().to(device), conditional=model.num_classes is not None,
+        alphas_cumprod=cosine_alphas_cumprod().to(device),
+        conditional=model.num_classes is not None,
         step=step, stop_step=stop_step, total_steps=total_steps,
         warmup_steps=round(args.warmup * total_steps), peak_lr=peak_lr, run=run, finish=finish)
 

@@ -205,7 +205,8 @@ def bench(method, compiled, args, device):
     peak = peak_flops(device, args.amp)
     return dict(method=method, compiled=compiled, tokens=tokens, gflop=flops / 1e9,
                 first_step_s=first, img_s=img_s, ms=1000 * seconds / args.steps,
-                mem_gib=peak_mem / 2 ** 30, mib_per_img=(peak_mem - base) / args.batch_size / 2 ** 20,
+                mem_gib=peak_mem / 2 ** 30,
+                mib_per_img=(peak_mem - base) / args.batch_size / 2 ** 20,
                 tflop_s=flops * img_s / 1e12, mfu=None if peak is None else flops * img_s / peak,
                 loss=loss, graphs=graphs1 - graphs0 if compiled else None,
                 recompiles=graphs2 - graphs1 if compiled else None,
