@@ -51,12 +51,14 @@ def train(args):
             for part in r.parts:
                 r.gen.manual_seed(derive_seed(a.seed, Stream.STEP, step, part.rank))
                 x0, y = r.batches.get(step, r.gen, part.rank)
-                with autocast(r.device, r.amp), sync_grads(r.net, part.last):
-                    loss, stats = umd_loss(r.net, x0, r_t0=a.r_t0, n0=part.n0,
-                                           mask_ratio=a.mask_ratio, mask_ratio_t0=a.mask_ratio_t0,
-                                           alphas_cumprod=r.alphas_cumprod,
-                                           y=y if r.conditional else None,
-                                           label_dropout=a.label_dropout, generator=r.gen)
+                with sync_grads(r.net, part.last):  # DDP: gradients averaged at the last one
+                    with autocast(r.device, r.amp):
+                        loss, stats = umd_loss(r.net, x0, r_t0=a.r_t0, n0=part.n0,
+                                               mask_ratio=a.mask_ratio,
+                                               mask_ratio_t0=a.mask_ratio_t0,
+                                               alphas_cumprod=r.alphas_cumprod,
+                                               y=y if r.conditional else None,
+                                               label_dropout=a.label_dropout, generator=r.gen)
                     r.scaler.scale(loss / len(r.parts)).backward()  # gradients add up
                 losses.append((loss, stats))
 

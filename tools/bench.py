@@ -24,6 +24,7 @@ torch.utils.flop_counter.
 import argparse
 import contextlib
 import copy
+import functools
 import importlib.metadata
 import os
 import platform
@@ -73,15 +74,16 @@ def step_flops(size, patch_size, r_t0, mask_ratio, mask_ratio_t0, img_size=32):
     return 3 * fwd, r_t0 * keep0 + (1 - r_t0) * keep
 
 
-def peak_flops(device, amp="bf16"):
-    """The FLOP/s that MFU divides by: a GPU's datasheet bf16 peak; on a CPU, its matmul measured
-    at the step's shapes in the step's precision."""
+def peak_flops(device):
+    """The FLOP/s that MFU divides by: a GPU's datasheet bf16 peak; on a CPU, its fastest matmul
+    (float32 or bf16) measured at the step's shapes."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in PEAK_BF16.items() if k in name), None)
-    return matmul_flops(torch.bfloat16 if amp == "bf16" else torch.float32)
+    return max(matmul_flops(torch.float32), matmul_flops(torch.bfloat16))
 
 
+@functools.cache  # once per process: every run of a bench divides by the same peak
 def matmul_flops(dtype, m=8704, k=192, n=768, seconds=1.0):
     """FLOP/s of the CPU's best matmul at a step's shapes (tiny/4, batch 128: [8704 x 192] x
     [192 x 768], and its MLP's [8704 x 768] x [768 x 192]), the best of repeated runs."""
@@ -202,7 +204,7 @@ def bench(method, compiled, args, device):
         raise RuntimeError(f"the loss became non-finite at step {bad}")
     flops, tokens = step_flops(args.model, args.patch_size, **preset)
     img_s = args.steps * args.batch_size / seconds
-    peak = peak_flops(device, args.amp)
+    peak = peak_flops(device)
     return dict(method=method, compiled=compiled, tokens=tokens, gflop=flops / 1e9,
                 first_step_s=first, img_s=img_s, ms=1000 * seconds / args.steps,
                 mem_gib=peak_mem / 2 ** 30,
