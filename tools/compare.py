@@ -3,6 +3,7 @@ same network, schedule, batch, seed and data order (only the method preset diffe
 probed, fine-tuned with labels, sampled and scored.
 
     python tools/compare.py --preset cpu     # tiny/4 on 2 CPU cores, 2.4 hours (README)
+    python tools/compare.py --preset cpu --seeds 0,1,2   # the same 3 times: mean +- s.d.
     python tools/compare.py --preset gpu     # small/2 on one H100/H200: about 27 min estimated,
                                              # not yet run
     python tools/compare.py --model tiny --patch-size 8 --epochs 0.05 --finetune-epochs 0.02 --fid 0
@@ -143,7 +144,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
                    help="default auto: the --out folder's own, else gpu with CUDA, else cpu. "
-                   "cpu takes 2.4 hours of 2 cores (measured); "
+                   "cpu takes 2.4 hours of 2 cores (measured without its in-training probes, "
+                   "which add some 5 minutes); "
                    f"gpu {estimate_line(PRESETS['gpu'])}. "
                    + "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items())
                                for k, d in PRESETS.items()))
