@@ -1,7 +1,9 @@
 """tools/compare.py end to end at toy size: four methods, every stage, the summary, stopping and
-going on without redoing finished stages, and bad input."""
+going on without redoing finished stages, several seeds, and bad input."""
 import json
 import os
+import shutil
+import statistics
 import sys
 
 import pytest
@@ -14,9 +16,12 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import compare  # noqa: E402
 
-# 200 training images, batch 32: 6 steps per epoch; 12 steps of pre-training, 3 of fine-tuning
+# 200 training images, batch 32: 6 steps per epoch; 12 steps of pre-training, 3 of fine-tuning; no in-training
+# probe (it takes 100 images of every class, the toy data have 20)
 TOY = ["--model", "tiny", "--patch-size", "8", "--batch-size", "32", "--finetune-batch-size", "32", "--epochs", "2",
-       "--finetune-epochs", "0.5", "--fid", "20", "--fid-steps", "2", "--shots", "5", "--preset", "cpu"]
+       "--finetune-epochs", "0.5", "--fid", "20", "--fid-steps", "2", "--shots", "5", "--preset", "cpu",
+       "--probe-every", "0"]
+METHODS = ["umd", "mae", "dit", "maskdit"]
 
 
 def run(out, cifar_dir, *extra):
@@ -99,6 +104,10 @@ def test_an_interrupted_training_resumes(cifar_dir, tmp_path):
     (["--cfg-scale=-inf"], "--cfg-scale -inf is not a finite number"),
     (["--fid-steps", "1001"], "--fid-steps in 1..1000"),
     (["--epochs", "0"], "the epochs positive"),
+    (["--probe-every", "-1"], "--probe-every >= 0"),
+    (["--seeds", "0,x"], "--seeds 0,x: give whole numbers"),
+    (["--seeds", "0,1,0"], "give distinct seeds"),
+    (["--seed", "1", "--seeds", "0,1"], "the first the --seed"),
 ])
 def test_bad_input_is_one_line_and_exit_2(extra, message, cifar_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
@@ -217,3 +226,130 @@ def test_the_gpu_estimate_counts_compile_sampling_and_fid(capsys):
         compare.get_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "an estimate until a GPU run measures it" in text and "9 minutes" not in text
+
+
+def test_the_pretrainings_probe_often_enough_for_a_curve(tmp_path, monkeypatch):
+    """--probe-every reaches train.py's pre-training (cpu preset: every 0.2 epoch, 6 points in its
+    1 epoch), not the fine-tune; it is no setting, so comparisons made before it go on."""
+    seen = []
+    monkeypatch.setattr(compare, "run_training", lambda run_dir, argv, args: seen.append(argv))
+    args = compare.get_args(["--preset", "cpu", "--out", str(tmp_path)])
+    compare.stage_pretrain("umd", tmp_path / "umd", args, None)
+    compare.stage_finetune("umd", tmp_path / "umd", args, None)
+    pre, ft = seen
+    assert pre[pre.index("--probe-every") + 1] == 0.2 and ft[ft.index("--probe-every") + 1] == 0
+    assert compare.get_args(["--preset", "gpu"]).probe_every == 1.0
+    assert compare.get_args(["--preset", "cpu", "--probe-every", "0"]).probe_every == 0
+    old = compare.settings(args)
+    assert "probe_every" not in old and "seeds" not in old and old["seed"] == 0
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    compare.check(compare.get_args(["--out", str(tmp_path), "--probe-every", "0.5"]))  # no error
+
+
+# ----------------------------------------------------------------------------- several seeds
+def counting(calls):
+    """Each stage function wrapped to note (seed, method, stage) when it is called."""
+    def wrap(name, real):
+        def stage(m, d, args, ds, **kw):
+            calls.append((args.seed, m, name))
+            return real(m, d, args, ds, **kw)
+        return stage
+    return {f"stage_{n}": wrap(n, getattr(compare, f"stage_{n}"))
+            for n in ("pretrain", "probe", "finetune", "samples", "fid")}
+
+
+@pytest.fixture(scope="module")
+def two_seeds(finished, cifar_dir, standin, tmp_path_factory):
+    """The finished single-seed comparison, copied without its checkpoints (only stages still to do
+    read them), grown to --seeds 0,1, then the same command again. Returns the folder, the stages
+    each run called, and the files (with mtimes) before each run."""
+    out = tmp_path_factory.mktemp("seeds") / "toy"
+    shutil.copytree(finished[0], out, ignore=shutil.ignore_patterns("ckpt.pt"))  # mtimes kept
+    calls, runs, before = [], [], []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UMD_INCEPTION", str(standin))
+        for name, stage in counting(calls).items():
+            mp.setattr(compare, name, stage)
+        for _ in range(2):
+            before.append({p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()})
+            called = len(calls)
+            assert run(out, cifar_dir, "--seeds", "0,1") == 0
+            runs.append(calls[called:])
+    return out, runs, before
+
+
+def test_a_second_seed_keeps_the_first_where_one_seed_puts_it(two_seeds):
+    out, (first, again), (before, _) = two_seeds
+    # seed 0 stays in OUT/<method>, untouched; seed 1 is a whole comparison in OUT/seed-1/<method>
+    for path, mtime in before.items():
+        if path.parent != out:  # the summary files are rewritten
+            assert path.stat().st_mtime_ns == mtime, path
+    stages = [(m, s) for m in METHODS for s in ("pretrain", "probe") + ("probe",) * (m in ("dit", "maskdit"))
+              + ("finetune", "samples", "fid")]
+    assert first == [(1, m, s) for m, s in stages]  # 22 stages, all of seed 1
+    for m in METHODS:
+        assert json.loads((out / "seed-1" / m / "pretrain.json").read_text())["steps"] == 12
+        config = json.loads((out / "seed-1" / m / "pretrain" / "config.json").read_text())
+        assert config["seed"] == 1 and config["probe_every"] == 0
+    assert json.loads((out / "settings.json").read_text())["seed"] == 0  # the folder's own seed
+
+
+def test_the_same_command_again_redoes_nothing(two_seeds):
+    out, (_, again), (_, before) = two_seeds
+    assert again == []
+    for path, mtime in before.items():
+        if path.parent != out:  # every stage's file of both seeds, checkpoints included
+            assert path.stat().st_mtime_ns == mtime, path
+
+
+def cells(line):
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_two_seeds_make_one_table_with_spread_and_paired_differences(two_seeds, finished):
+    out, _, _ = two_seeds
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and list(results["per_seed"]) == ["0", "1"]
+    seeds = [results["per_seed"][k] for k in ("0", "1")]
+    fewshot = lambda r, stage="probe": 100 * r[stage]["fewshot"]["mean"]
+    text = (out / "table.md").read_text()
+    assert text.startswith("Mean ± s.d. over 2 seeds (0, 1; the sample s.d.)")
+    mean_table, paired, seed0, seed1 = [[cells(l) for l in block.splitlines() if l.startswith("| ")]
+                                        for block in text.split("\n\n") if block.startswith("| ")]
+    assert [r[0] for r in mean_table[1:]] == METHODS and [r[0] for r in paired[1:]] == METHODS[1:]
+    for row in mean_table[1:]:
+        values = [fewshot(s[row[0]]) for s in seeds]
+        assert row[2].startswith(f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"), row
+        fids = [s[row[0]]["fid"]["fid"] for s in seeds]
+        assert row[4] == f"{statistics.fmean(fids):.1f} ± {statistics.stdev(fids):.1f}"
+        assert results["methods"][row[0]]["fewshot"]["n"] == 2
+        assert results["methods"][row[0]]["fewshot"]["mean"] == pytest.approx(statistics.fmean(values))
+    for row in paired[1:]:  # method - umd, seed by seed, then mean and s.d. of the differences
+        diffs = [fewshot(s[row[0]]) - fewshot(s["umd"]) for s in seeds]
+        assert row[2].startswith(f"{statistics.fmean(diffs):+.2f} ± {statistics.stdev(diffs):.2f}"), row
+        if row[0] in ("dit", "maskdit"):  # their official read-out, at t=50, against umd's clean probe
+            noisy = [fewshot(s[row[0]], "probe-t50") - fewshot(s["umd"]) for s in seeds]
+            assert f"(t=50: {statistics.fmean(noisy):+.2f} ± {statistics.stdev(noisy):.2f})" in row[2]
+        fid = [s[row[0]]["fid"]["fid"] - s["umd"]["fid"]["fid"] for s in seeds]
+        assert row[4] == f"{statistics.fmean(fid):+.1f} ± {statistics.stdev(fid):.1f}"
+    # then each seed's own table: seed 0's is the single-seed comparison's
+    assert f"## Seed 0 ({out})" in text and f"## Seed 1 ({out / 'seed-1'})" in text
+    single = (finished[0] / "table.md").read_text()
+    assert seed0 == [cells(l) for l in single.splitlines() if l.startswith("| ")]
+    assert [r[0] for r in seed1[1:]] == METHODS and seed1[1][2] == f"{fewshot(seeds[1]['umd']):.2f}"
+    assert "seeds 0, 1; probes" in text and single.splitlines()[-1] in text  # the footnotes
+
+
+def test_two_seeds_draw_their_curves_and_the_probe_against_fid_with_error_bars(two_seeds):
+    from PIL import Image
+    from tools.curves import COLOURS
+    out, _, _ = two_seeds
+    img = Image.open(out / "curves.png").convert("RGB")
+    assert img.size == (1310, 410)
+    counts = {colour: n for n, colour in img.getcolors(img.width * img.height)}
+    assert all(counts.get(COLOURS[m], 0) > 0 for m in METHODS)  # each method's loss, mean over the seeds
+    picture = Image.open(out / "compare.png").convert("RGB")
+    scatter = picture.crop((picture.width - 390, 0, picture.width, 350))  # right of the samples
+    counts = {colour: n for n, colour in scatter.getcolors(scatter.width * scatter.height)}
+    # a dot is 61 pixels; umd's few-shot probe differs between the seeds (85%, 80%): its bars add more
+    assert all(counts.get(COLOURS[m], 0) > 0 for m in METHODS) and counts[COLOURS["umd"]] > 120

@@ -3,6 +3,7 @@ same network, schedule, batch, seed and data order (only the method preset diffe
 probed, fine-tuned with labels, sampled and scored.
 
     python tools/compare.py --preset cpu     # tiny/4 on 2 CPU cores, 2.4 hours (README)
+    python tools/compare.py --preset cpu --seeds 0,1,2   # the same 3 times: mean +- s.d.
     python tools/compare.py --preset gpu     # small/2 on one H100/H200: about 27 min estimated,
                                              # not yet run
     python tools/compare.py --model tiny --patch-size 8 --epochs 0.05 --finetune-epochs 0.02 --fid 0
@@ -21,8 +22,26 @@ never reach dynamo's recompile limit (and run uncompiled past it).
 Running the same command again skips finished stages and resumes an interrupted training, so a
 comparison can be stopped (Ctrl-C) and continued, or spread over machines (e.g. trained on a GPU,
 then `--out FOLDER --device cpu` scores the FID of its samples where the Inception network is).
-The summary: OUT/results.json (every number, the settings, the machines), OUT/table.md and
-OUT/compare.png.
+The summary: OUT/results.json (every number, the settings, the machines), OUT/table.md,
+OUT/compare.png (samples; right, the few-shot probe against FID) and OUT/curves.png (learning
+curves of the pre-trainings, tools/curves.py).
+
+Several seeds, `--seeds 0,1,2`: each seed is a whole comparison, in time too (its own pre-training
+seed: init, data order, masks, noise; its own probe subset and samples), one after another. The
+first seed is the folder's own (settings.json) and lies where a single-seed comparison puts it,
+OUT/<method>/; seed K lies in OUT/seed-K/<method>/. So rerunning a finished single-seed comparison
+with --seeds 0,1,2 keeps seed 0 and adds the others; the summary takes every seed in the folder.
+With several seeds table.md gives every number as mean +- sample s.d. over the seeds, then each
+method's paired difference from umd (seed by seed, then mean +- s.d.), then each seed's own table;
+results.json holds the same; compare.png shows the first seed's samples.
+
+The in-training probe of curves.png: the pre-trainings run train.py's probe every --probe-every
+epochs (cpu preset 0.2: steps 0, 78, 156, 234, 312 and 390; gpu 1.0: 9 points). A probe is two
+feature passes (raw and EMA weights) over 1000 training and 2000 test images. At tiny/4 on 2 cores
+a pass ran at about 5x umd's training img/s (measured side by side on a busy machine, where one
+took 53-71 s): about 6 s at README's 103 img/s, so the cpu preset's 24 probes add some 5 minutes
+to its 2.4 hours (an estimate). --probe-every may change between runs of a comparison (it changes
+no number of the table); a resumed training keeps its own.
 
 References: the official comparison (ImageNet 64x64, B/4): github.com/philippe-eecs/small-vision,
 README; UMD: arXiv 2406.17688.
@@ -32,13 +51,14 @@ import functools
 import json
 import os
 import platform
+import re
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
@@ -50,24 +70,26 @@ from model import CheckpointError, load_checkpoint  # noqa: E402
 from probe import evaluate, extract_features, fewshot_indices  # noqa: E402
 from sample import class_labels, generate, to_uint8  # noqa: E402
 from tools.bench import forward_flops, step_flops  # noqa: E402
+from tools.curves import PICTURE_PER_CLASS, figure, picture, scatter  # noqa: E402
 from tools.fid import FIDError, Inception, fid_of_images, stats_of  # noqa: E402
 
-# The presets (README "The comparison"): cpu takes 2.4 hours of 2 cores (measured); gpu, on one
-# H100/H200, is estimated by gpu_estimate() below (not yet run on one).
+# The presets (README "The comparison"): cpu takes 2.4 hours of 2 cores (measured, without the
+# in-training probes: see above); gpu, on one H100/H200, is estimated by gpu_estimate() below (not
+# yet run on one).
 # The fine-tunes are short, so their EMA is too: the official 1 - 1e-4 * batch / 256 would leave
 # it at the starting weights, fresh label embedding included. With these decays under 3% of the
 # start is left at the end (0.97 ** 117 steps on the cpu, 0.99 ** 390 on the gpu).
 PRESETS = dict(
     cpu=dict(model="tiny", patch_size=4, batch_size=128, lr=1e-3, epochs=1.0, finetune_epochs=0.3,
              finetune_batch_size=128, finetune_lr=5e-4, finetune_ema_decay=0.97, fid=1000,
-             fid_steps=25, cfg_scale=2.0, device="cpu"),
+             fid_steps=25, cfg_scale=2.0, probe_every=0.2, device="cpu"),
     gpu=dict(model="small", patch_size=2, batch_size=1024, lr=1.5e-4, epochs=8.0,
              finetune_epochs=2.0, finetune_batch_size=256, finetune_lr=1.5e-4,
-             finetune_ema_decay=0.99, fid=10000, fid_steps=50, cfg_scale=2.0, device="cuda"),
+             finetune_ema_decay=0.99, fid=10000, fid_steps=50, cfg_scale=2.0, probe_every=1.0,
+             device="cuda"),
 )
-PICTURE_PER_CLASS = 8  # samples per class drawn in compare.png
 # may differ between runs of one comparison
-RUNTIME = ("methods", "data_dir", "device", "out", "compile")
+RUNTIME = ("methods", "data_dir", "device", "out", "compile", "seeds", "probe_every")
 # What gpu_estimate() assumes, each an assumption until a GPU run measures it: one H100/H200 at 989
 # dense bf16 TFLOP/s; compiled training at 30% of it, eager bf16 sampling at 20%; a minute to
 # compile each graph from an empty cache (umd and mae fine-tunes have 2, one per group); Inception
@@ -122,7 +144,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
                    help="default auto: the --out folder's own, else gpu with CUDA, else cpu. "
-                   "cpu takes 2.4 hours of 2 cores (measured); "
+                   "cpu takes 2.4 hours of 2 cores (measured without its in-training probes, "
+                   "which add some 5 minutes); "
                    f"gpu {estimate_line(PRESETS['gpu'])}. "
                    + "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items())
                                for k, d in PRESETS.items()))
@@ -132,9 +155,15 @@ def get_args(argv=None):
         if key != "device":
             p.add_argument(f"--{key.replace('_', '-')}", type=type(value),
                            choices=list(config.SIZES) if key == "model" else None,
-                           help="from --preset unless given")
-    p.add_argument("--seed", type=int, default=0,
-                   help="one seed for every method: same init and data order")
+                           help=("epochs between the pre-trainings' in-training probes, drawn "
+                                 "in curves.png (0 = off); " if key == "probe_every" else "")
+                           + "from --preset unless given")
+    p.add_argument("--seed", type=int,
+                   help="one seed for every method: same init and data order (default 0)")
+    p.add_argument("--seeds",
+                   help="comma-separated seeds, each a whole comparison, e.g. 0,1,2: the table "
+                   "gives mean +- s.d. over them; the first is the folder's own, the others go "
+                   "to OUT/seed-K (default: --seed)")
     p.add_argument("--shots", type=int, default=100,
                    help="few-shot ridge probe: training images per class (default 100)")
     p.add_argument("--probe-images", type=int,
@@ -150,6 +179,14 @@ def get_args(argv=None):
                    help="torch.compile in the trainings (default: train.py's, on with CUDA); "
                    "--no-compile where train.py says that compile cannot work on the machine")
     args = p.parse_args(argv)
+    try:
+        args.seeds = ([int(k) for k in args.seeds.split(",") if k.strip()] if args.seeds
+                      else [0 if args.seed is None else args.seed])
+    except ValueError:
+        raise CompareError(f"--seeds {args.seeds}: give whole numbers separated by commas, "
+                           "e.g. 0,1,2") from None
+    if args.seed is None and args.seeds:  # the first seed is the folder's own
+        args.seed = args.seeds[0]
     saved = saved_settings(args.out) if args.out else None
     if args.preset == "auto" and saved:  # go on with that comparison, on any machine
         args.preset = saved.get("preset", "auto")
@@ -186,6 +223,9 @@ def check(args):
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CompareError(f"--out {args.out} is a file; "
                            "pass a folder (new, or of this comparison)")
+    if not args.seeds or len(set(args.seeds)) < len(args.seeds) or args.seed != args.seeds[0]:
+        raise CompareError(f"--seeds {','.join(map(str, args.seeds)) or '(none)'}: give distinct "
+                           "seeds, the first the --seed where both are given")
     unknown = [m for m in args.methods if m not in config.METHODS]
     if unknown or not args.methods:
         raise CompareError(f"unknown method {', '.join(unknown) or '(none)'}; "
@@ -196,9 +236,9 @@ def check(args):
         raise CompareError("--fid must be 0 or a multiple of the 10 classes, "
                            "--fid-steps in 1..1000, the epochs positive")
     if (min(args.batch_size, args.finetune_batch_size, args.lr, args.finetune_lr) <= 0
-            or not 0 <= args.finetune_ema_decay < 1):
+            or not 0 <= args.finetune_ema_decay < 1 or args.probe_every < 0):
         raise CompareError("the batch sizes and learning rates must be positive, "
-                           "--finetune-ema-decay in [0, 1)")
+                           "--finetune-ema-decay in [0, 1), --probe-every >= 0")
     if args.patch_size < 1 or 32 % args.patch_size:
         raise CompareError(f"--patch-size {args.patch_size} must divide CIFAR-10's 32 pixels "
                            "(e.g. 2, 4, 8)")
@@ -257,7 +297,8 @@ def stage_pretrain(m, d, args, ds):
     return run_training(d / "pretrain", [
         "--method", m, "--recipe", args.preset, "--model", args.model,
         "--patch-size", args.patch_size, "--batch-size", args.batch_size,
-        "--lr", args.lr, "--epochs", args.epochs, "--seed", args.seed, "--probe-every", 0], args)
+        "--lr", args.lr, "--epochs", args.epochs, "--seed", args.seed,
+        "--probe-every", args.probe_every], args)
 
 
 def stage_probe(m, d, args, ds, t=None):
@@ -331,6 +372,23 @@ def stages(args):
     return out
 
 
+def seed_dir(args, k):
+    """Seed k's comparison: the folder's own seed in --out itself, as with one seed."""
+    return Path(args.out) if k == args.seed else Path(args.out) / f"seed-{k}"
+
+
+def for_seed(args, k):
+    """The arguments of seed k's comparison: its seed and its folder."""
+    return argparse.Namespace(**{**vars(args), "seed": k, "out": str(seed_dir(args, k))})
+
+
+def seeds_of(args):
+    """--seeds, then the other seeds found in the folder (the summary drops none)."""
+    found = sorted(int(m[1]) for p in Path(args.out).glob("seed-*")
+                   if p.is_dir() and (m := re.fullmatch(r"seed-(-?\d+)", p.name)))
+    return args.seeds + [k for k in found if k not in args.seeds]
+
+
 # ----------------------------------------------------------------------------- summary
 def machine():
     cpu = platform.processor()
@@ -347,12 +405,9 @@ def where(m):
     return f"{m['gpu'] or m['cpu']} ({m['cores']} cores), torch {m['torch']}"
 
 
-def summarize(args):
-    """results.json, table.md and compare.png from whatever stages have finished, of every method
-    in the folder (a run with fewer --methods does not drop the others from the summary)."""
-    out = Path(args.out)
-    methods = [m for m in config.METHODS if m in args.methods or (out / m).is_dir()]
-    results = dict(settings=saved_settings(out), machine=machine(), methods={})
+def collect(out, methods, args):
+    """Each method's results in one seed's folder: its stages' result files, and its FLOPs."""
+    results = {}
     for m in methods:
         d = out / m
         r = {name: json.loads((d / f"{name}.json").read_text())
@@ -360,13 +415,96 @@ def summarize(args):
              if (d / f"{name}.json").exists()}
         flops, tokens = step_flops(args.model, args.patch_size, **config.METHODS[m])
         r["gflop_per_image"], r["encoder_tokens_per_image"] = flops / 1e9, tokens
-        results["methods"][m] = r
+        results[m] = r
+    return results
+
+
+def summarize(args):
+    """results.json, table.md, compare.png and curves.png from whatever stages have finished, of
+    every method and seed in the folder (a run with fewer --methods or --seeds drops none)."""
+    out, seeds = Path(args.out), seeds_of(args)
+    dirs = [seed_dir(args, k) for k in seeds]
+    methods = [m for m in config.METHODS
+               if m in args.methods or any((d / m).is_dir() for d in dirs)]
+    per_seed = [collect(d, methods, args) for d in dirs]
+    results = dict(settings=saved_settings(out), machine=machine(), methods=per_seed[0])
     text = table(results, args)
+    if len(seeds) > 1:
+        results = dict(results, seeds=seeds, methods=aggregate(per_seed),
+                       per_seed={str(k): r for k, r in zip(seeds, per_seed)})
+        text = seeds_table(results, per_seed, args)
     print("\n" + text, flush=True)  # on the screen first: a full disk loses no number
     write_json(results, out / "results.json")
     save_atomic(text, out / "table.md")
-    picture(out, methods, out / "compare.png", tradeoff(results))
-    return results
+    pictures = {"compare.png": picture(out, methods, tradeoff(per_seed)),
+                "curves.png": learning_curves(args, seeds, methods, per_seed)}
+    for name, img in pictures.items():
+        if img is not None:
+            save_atomic(lambda f: img.save(f, format="PNG"), out / name)
+    return per_seed
+
+
+def learning_curves(args, seeds, methods, per_seed):
+    """curves.png: each method's pre-trainings, one per seed; None before any has a log."""
+    runs = {m: [seed_dir(args, k) / m / "pretrain" for k in seeds
+                if (seed_dir(args, k) / m / "pretrain" / "log.jsonl").exists()] for m in methods}
+    runs = {m: r for m, r in runs.items() if r}
+    if not runs:
+        return None
+    flops = {m: 1e9 * per_seed[0][m]["gflop_per_image"] for m in runs}  # training, per image
+    note = (f"{args.model}/p{args.patch_size}, batch {args.batch_size}, lr {args.lr:g} per 256, "
+            f"{args.epochs:g} epochs of pre-training; seeds {', '.join(map(str, seeds))}; "
+            f"from each pre-training's log.jsonl in {args.out}")
+    return figure(runs, args.batch_size, flops, note)
+
+
+def numbers(r):
+    """One method's numbers in one seed, by name: the probes (%, clean and at t=50), FID, img/s."""
+    n = {}
+    for stage, suffix in (("probe", ""), ("probe-t50", "_t50")):
+        for key, field in (("linear", "top1"), ("fewshot", "mean"), ("knn", "top1")):
+            value = r.get(stage, {}).get(key, {}).get(field)
+            if value is not None:
+                n[key + suffix] = 100 * value
+    if "fid" in r:
+        n["fid"] = r["fid"]["fid"]
+    if "pretrain" in r:
+        n["img_per_s"] = r["pretrain"]["img_per_s"]
+    return n
+
+
+def mean_sd(values):
+    """Mean, sample s.d. (None under two values) and count of the values that are there."""
+    v = [x for x in values if x is not None]
+    return (dict(mean=statistics.fmean(v), sd=statistics.stdev(v) if len(v) > 1 else None,
+                 n=len(v)) if v else None)
+
+
+def aggregate(per_seed):
+    """Per method, each number's mean +- s.d. over the seeds; but for umd, also its paired
+    differences from umd in the same seed (vs_umd; probes at t=50 against umd's clean ones)."""
+    nums = [{m: numbers(r) for m, r in s.items()} for s in per_seed]
+    for s in nums:  # time per image against dit's, in the same seed
+        for n in s.values():
+            if "img_per_s" in n and "img_per_s" in s.get("dit", {}):
+                n["time_vs_dit"] = s["dit"]["img_per_s"] / n["img_per_s"]
+    out = {}
+    for m, first in per_seed[0].items():
+        names = list(dict.fromkeys(k for s in nums for k in s[m]))
+        out[m] = r = dict(gflop_per_image=first["gflop_per_image"],
+                          encoder_tokens_per_image=first["encoder_tokens_per_image"],
+                          **{k: mean_sd([s[m].get(k) for s in nums]) for k in names})
+        if m != "umd" and "umd" in nums[0]:
+            r["vs_umd"] = {k: paired(nums, m, k) for k in names
+                           if k.removesuffix("_t50") in ("linear", "fewshot", "knn", "fid")}
+    return out
+
+
+def paired(nums, m, k):
+    """Mean +- s.d. over the seeds of m's number k minus umd's in the same seed (a probe at t=50
+    against umd's clean one)."""
+    base = k.removesuffix("_t50")
+    return mean_sd([s[m][k] - s["umd"][base] for s in nums if k in s[m] and base in s["umd"]])
 
 
 def table(results, args):
@@ -379,11 +517,7 @@ def table(results, args):
         noisy = r.get("probe-t50", {}).get(key, {}).get(field)
         return pct(clean) + ("" if noisy is None else f" (t=50: {pct(noisy)})")
 
-    fid_head = (f"FID-{args.fid} (cfg {args.cfg_scale:g}, {args.fid_steps} DDIM steps)"
-                if args.fid else "FID (--fid 0)")
-    head = (f"| method | linear probe % | {args.shots}-shot ridge % | 20-NN % | {fid_head} | "
-            "pre-training img/s | GFLOP/img | FLOPs vs dit | time/img vs dit |")
-    rows = [head, "|---" * 9 + "|"]
+    rows = [head(args), "|---" * 9 + "|"]
     for m, r in ms.items():
         speed = r.get("pretrain", {}).get("img_per_s")
         fid = r.get("fid", {}).get("fid")
@@ -396,87 +530,85 @@ def table(results, args):
                     f"{probe_cell(r, 'fewshot', 'mean')} | {probe_cell(r, 'knn', 'top1')} | "
                     f"{fid_cell} | {'-' if speed is None else f'{speed:.0f}'} | "
                     f"{r['gflop_per_image']:.2f} | {vs_flops} | {vs_time} |")
-    s = results["settings"]
-    trained_on = sorted({where(r["pretrain"].get("machine", results["machine"]))
-                         for r in ms.values() if "pretrain" in r})
-    epochs = f"{s['epochs']:g} epoch" + "s" * (s["epochs"] != 1)
-    rows += ["", f"{s['model']}/p{s['patch_size']}, batch {s['batch_size']}, "
-             f"lr {s['lr']:g} per 256, {epochs} of pre-training, "
-             f"{s['finetune_epochs']:g} of fine-tuning (batch {s['finetune_batch_size']}), "
-             f"seed {s['seed']}; probes of the EMA weights trained on {s['probe_images']} images, "
-             f"scored on CIFAR-10 test; pre-trained on {'; '.join(trained_on) or '-'}."]
+    rows += ["", footnote(results, [ms], f"seed {results['settings']['seed']}")]
     return "\n".join(rows) + "\n"
 
 
-def tradeoff(results, size=240, pad=44):
+def head(args):
+    fid_head = (f"FID-{args.fid} (cfg {args.cfg_scale:g}, {args.fid_steps} DDIM steps)"
+                if args.fid else "FID (--fid 0)")
+    return (f"| method | linear probe % | {args.shots}-shot ridge % | 20-NN % | {fid_head} | "
+            "pre-training img/s | GFLOP/img | FLOPs vs dit | time/img vs dit |")
+
+
+def footnote(results, per_seed, seeds):
+    s = results["settings"]
+    trained_on = sorted({where(r["pretrain"].get("machine", results["machine"]))
+                         for ms in per_seed for r in ms.values() if "pretrain" in r})
+    epochs = f"{s['epochs']:g} epoch" + "s" * (s["epochs"] != 1)
+    return (f"{s['model']}/p{s['patch_size']}, batch {s['batch_size']}, "
+            f"lr {s['lr']:g} per 256, {epochs} of pre-training, "
+            f"{s['finetune_epochs']:g} of fine-tuning (batch {s['finetune_batch_size']}), "
+            f"{seeds}; probes of the EMA weights trained on {s['probe_images']} images, "
+            f"scored on CIFAR-10 test; pre-trained on {'; '.join(trained_on) or '-'}.")
+
+
+def seeds_table(results, per_seed, args):
+    """table.md for several seeds: mean +- s.d., the paired differences from umd, each seed's."""
+    seeds, ms = results["seeds"], results["methods"]
+    n = len(seeds)
+
+    def cell(s, digits=2, sign=""):
+        if s is None:
+            return "-"
+        sd = "" if s["sd"] is None else f" ± {s['sd']:.{digits}f}"
+        return f"{s['mean']:{sign}.{digits}f}{sd}" + (f" (n={s['n']})" if s["n"] < n else "")
+
+    def probes(r, key, sign=""):
+        noisy = f" (t=50: {cell(r[key + '_t50'], 2, sign)})" if r.get(key + "_t50") else ""
+        return cell(r.get(key), 2, sign) + noisy
+
+    dit = ms.get("dit")
+    rows = [f"Mean ± s.d. over {n} seeds ({', '.join(map(str, seeds))}; the sample s.d.); "
+            "(n=K): a number that K seeds have so far.", "", head(args), "|---" * 9 + "|"]
+    for m, r in ms.items():
+        vs_flops = f"{r['gflop_per_image'] / dit['gflop_per_image']:.2f}x" if dit else "-"
+        rows.append(f"| {m} | {probes(r, 'linear')} | {probes(r, 'fewshot')} | "
+                    f"{probes(r, 'knn')} | {cell(r.get('fid'), 1)} | "
+                    f"{cell(r.get('img_per_s'), 0)} | {r['gflop_per_image']:.2f} | {vs_flops} | "
+                    f"{cell(r.get('time_vs_dit'))} |")
+    rows += ["", footnote(results, per_seed, f"seeds {', '.join(map(str, seeds))}"), ""]
+    if "umd" in ms:
+        rows += [f"Paired difference from umd, seed by seed (method - umd in the same seed; "
+                 f"mean ± s.d. over {n} seeds): probes in percentage points (at t=50 against "
+                 "umd's clean probe), FID in FID points (below 0: better than umd).", "",
+                 f"| method | linear probe | {args.shots}-shot ridge | 20-NN | FID |",
+                 "|---" * 5 + "|"]
+        rows += [f"| {m} | {probes(r['vs_umd'], 'linear', '+')} | "
+                 f"{probes(r['vs_umd'], 'fewshot', '+')} | {probes(r['vs_umd'], 'knn', '+')} | "
+                 f"{cell(r['vs_umd'].get('fid'), 1, '+')} |" for m, r in ms.items() if m != "umd"]
+    for k, r in zip(seeds, per_seed):
+        one = dict(results, settings={**results["settings"], "seed": k}, methods=r)
+        rows += ["", f"## Seed {k} ({seed_dir(args, k)})", "", table(one, args).rstrip("\n")]
+    return "\n".join(rows) + "\n"
+
+
+def tradeoff(per_seed):
     """Representation against generation, one dot per method: the few-shot ridge probe (right is
-    better) and FID (up is better). None until two methods have both numbers."""
-    points = [(m, 100 * r["probe"]["fewshot"]["mean"], r["fid"]["fid"])
-              for m, r in results["methods"].items() if "probe" in r and "fid" in r]
+    better) and FID (up is better), with +- s.d. bars over seeds. None until two methods have
+    both numbers."""
+    points = []
+    for m in per_seed[0]:
+        both = [(100 * s[m]["probe"]["fewshot"]["mean"], s[m]["fid"]["fid"])
+                for s in per_seed if "probe" in s[m] and "fid" in s[m]]
+        if both:
+            x, y = mean_sd([b[0] for b in both]), mean_sd([b[1] for b in both])
+            points.append((m, x["mean"], x["sd"], y["mean"], y["sd"]))
     if len(points) < 2:
         return None
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    fx = lambda v: pad + (v - x0) / (x1 - x0 or 1) * size
-    fy = lambda v: pad + (v - y0) / (y1 - y0 or 1) * size  # low FID at the top
-    img = Image.new("RGB", (size + 2 * pad + 40, size + 2 * pad), "white")
-    draw = ImageDraw.Draw(img)
-    draw.line([(pad - 10, pad - 10), (pad - 10, pad + size + 10),
-               (pad + size + 10, pad + size + 10)], fill="black")
-    draw.text((pad, pad + size + 16), f"few-shot ridge probe %: {x0:.1f} .. {x1:.1f} ->",
-              fill="black")
-    draw.text((4, 4), f"FID: {y0:.1f} (top) .. {y1:.1f}", fill="black")
-    for m, x, y in points:
-        draw.ellipse([fx(x) - 4, fy(y) - 4, fx(x) + 4, fy(y) + 4], fill="black")
-        draw.text((fx(x) + 7, fy(y) - 6), m, fill="black")
-    return img
-
-
-def picture(out, methods, path, extra=None, label_w=70, gap=12):
-    """Per method, side by side: its fine-tuned samples (one row per class) above the
-    reconstructions of its pre-trained network (train.py's reconstruction.png); then `extra`."""
-    panels = []
-    for m in methods:
-        d = out / m
-        if not (d / "samples.npz").exists():
-            continue
-        with np.load(d / "samples.npz") as data:
-            samples = data["samples"]
-        per = len(samples) // len(CIFAR_CLASSES)
-        tiles = samples.reshape(len(CIFAR_CLASSES), per, *samples.shape[1:])[:, :PICTURE_PER_CLASS]
-        h, w = tiles.shape[2:4]
-        grid = Image.new("RGB", (PICTURE_PER_CLASS * (w + 2), len(CIFAR_CLASSES) * (h + 2)),
-                         "white")
-        for c, row in enumerate(tiles):
-            for k, tile in enumerate(row):
-                grid.paste(Image.fromarray(tile), (k * (w + 2), c * (h + 2)))
-        parts = [grid]
-        if (d / "pretrain" / "reconstruction.png").exists():
-            rec = Image.open(d / "pretrain" / "reconstruction.png").convert("RGB")
-            parts.append(rec.crop((0, 0, rec.width, min(rec.height, 4 * (h + 2) + 2))))
-        panels.append((m, parts))
-    if not panels:
-        return
-    width = max(max(p.width for p in parts) for _, parts in panels)
-    height = 20 + max(sum(p.height + gap for p in parts) for _, parts in panels)
-    canvas = Image.new(
-        "RGB", (label_w + len(panels) * (width + gap) + (extra.width if extra else 0), height),
-        "white")
-    if extra:
-        canvas.paste(extra, (label_w + len(panels) * (width + gap), 20))
-    draw = ImageDraw.Draw(canvas)
-    h = panels[0][1][0].height // len(CIFAR_CLASSES)
-    for c, name in enumerate(CIFAR_CLASSES):
-        draw.text((4, 20 + c * h + h // 3), name, fill="black")
-    draw.text((4, 20 + panels[0][1][0].height + gap),
-              "pre-trained:\nmasked and\nnoised\ninputs,\npredictions", fill="black")
-    for i, (m, parts) in enumerate(panels):
-        x, y = label_w + i * (width + gap), 20
-        draw.text((x, 4), m, fill="black")
-        for p in parts:
-            canvas.paste(p, (x, y))
-            y += p.height + gap
-    save_atomic(lambda f: canvas.save(f, format="PNG"), path)
+    spread = f" (± s.d., {len(per_seed)} seeds)" if len(per_seed) > 1 else ""
+    return scatter(points, "few-shot ridge probe % (right: better)", "FID (up: better)",
+                   f"probe against FID{spread}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -492,22 +624,24 @@ def main(argv=None):
             write_json(settings(args), out / "settings.json")
         if args.preset == "gpu" and args.device == "cuda":
             print(f"the gpu preset: {estimate_line(vars(args))}")
-        todo = stages(args)
-        for i, (m, name, result, run) in enumerate(todo):
-            d = out / m
-            d.mkdir(exist_ok=True)
+        todo = [(a, *stage) for a in (for_seed(args, k) for k in args.seeds)
+                for stage in stages(a)]
+        for i, (a, m, name, result, run) in enumerate(todo):
+            d = Path(a.out) / m
+            d.mkdir(parents=True, exist_ok=True)
             if (d / result).exists():
                 continue
             done = "#" * i + "." * (len(todo) - i)
-            print(f"\n[{done}] stage {i + 1}/{len(todo)}: {m} {name} "
+            seed = f" (seed {a.seed})" if len(args.seeds) > 1 else ""
+            print(f"\n[{done}] stage {i + 1}/{len(todo)}: {m} {name}{seed} "
                   f"({(time.time() - start) / 60:.1f} min so far)", flush=True)
-            value = run(m, d, args, ds)
+            value = run(m, d, a, ds)
             if value is not None:  # each stage says where it ran: a comparison may span machines
                 print(f"  {m} {name}: " + ", ".join(
                     f"{k} {v:.4g}" for k, v in value.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)))
                 write_json(dict(value, machine=machine()), d / result)
-        results = summarize(args)
+        per_seed = summarize(args)
     except (CompareError, DataError, CheckpointError, config.ConfigError, train.TrainError,
             FlagError, FIDError) as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
@@ -520,9 +654,9 @@ def main(argv=None):
               f"{args.out if args else 'the run folder'}: run the same command again to go on",
               file=sys.stderr)
         return 130
-    print(f"{args.out}: results.json, table.md, compare.png")
-    waiting = [m for m, r in results["methods"].items()
-               if args.fid and "samples" in r and "fid" not in r]
+    print(f"{args.out}: results.json, table.md, compare.png, curves.png")
+    waiting = [m for m in per_seed[0] if any(args.fid and "samples" in r[m] and "fid" not in r[m]
+                                             for r in per_seed)]
     if waiting:
         print(f"FID still to score for {', '.join(waiting)}: "
               "get the Inception network (tools/fid.py --help) and rerun")
