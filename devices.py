@@ -1,6 +1,7 @@
-"""Where the step runs: the device and its precision, DDP processes and micro-batches (each with
-its share of the batch), and torch.compile, with a check that compile works before the first
-step. Like machinery.py, nothing here changes what is computed.
+"""Where and how the step runs: the device and its precision, DDP processes and micro-batches
+(each with its share of the global batch), and torch.compile, with a check that compile works
+before the first step. The method is corruption.py's whatever is chosen here; the precision
+and the split of the batch change the numerics and the random draws, not the recipe.
 """
 import contextlib
 import os
@@ -84,13 +85,6 @@ def micro_batches(batch_size, r_t0, rank, world, accum):
             for i in range(accum)]
 
 
-def sync_grads(net, last):
-    """Under DDP, gradients are averaged over the processes once per step, at the last
-    micro-batch's backward; the others only add into .grad."""
-    ddp = getattr(net, "_orig_mod", net)
-    return contextlib.nullcontext() if last or not isinstance(ddp, DDP) else ddp.no_sync()
-
-
 class DDP(DistributedDataParallel):
     """DDP that lends its network's attributes (patch_size, num_patches, num_classes), as
     torch.compile's wrapper does, so that the loss reads them through any wrapper."""
@@ -104,14 +98,21 @@ class DDP(DistributedDataParallel):
             return getattr(self.module, name)
 
 
-def wrap(model, device, world, use_compile, unused_params):
+def sync_grads(net, last):
+    """The context of one micro-batch's forward and backward: under DDP, no_sync() for all but
+    the last, so that gradients are averaged over the processes once per step."""
+    ddp = getattr(net, "_orig_mod", net)
+    return contextlib.nullcontext() if last or not isinstance(ddp, DDP) else ddp.no_sync()
+
+
+def wrap(model, device, world, use_compile, idle_mask_token):
     """DDP (several processes) and torch.compile around the same weights."""
     if world > 1:
         # DDP must not talk in forward: ranks may run one forward or two (the model has no
         # buffers to sync). static_graph: the mask token gets no gradient on a rank with nothing
         # masked (find_unused_parameters walks only the last of two forwards, and fails).
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    static_graph=unused_params)
+                    static_graph=idle_mask_token)
     if use_compile:  # static shapes: each group of a UMD step has a fixed token count, so 2 graphs
         compile_preflight(device)  # no Triton or C compiler: one line now, not a traceback later
         model = torch.compile(model, dynamic=False)

@@ -194,8 +194,9 @@ class Run:
     """The run folder as the loop sees it: config.json, log.jsonl, ckpt.pt, a progress bar,
     the in-training probe and Ctrl-C. After every step, end_step() keeps the losses and, at log
     points, logs, probes and saves. The first Ctrl-C (or SIGTERM) lets the step finish, save and
-    stop at the next log point; a second aborts at once, never in the middle of a checkpoint
-    write. probe(step) -> log fields; state(step) -> the checkpoint dict."""
+    stop (under DDP at the next log point, which every rank reaches); a second aborts at once,
+    never in the middle of a checkpoint write. probe(step) -> log fields; state(step) -> the
+    checkpoint dict."""
 
     def __init__(self, out, lock, info, resumed, world, device, stop_step, probe=None,
                  probe_steps=0, state=None):
@@ -243,8 +244,8 @@ class Run:
             raise TrainError(out_of_memory_line(self.info, self.device, self.saved_step)) from None
 
     def end_step(self, step, lr, losses):
-        """After step `step` - 1: keep its losses; at a log point, log (and probe, and save when
-        due). True when a Ctrl-C asks the loop to stop."""
+        """After a step (`step`: the steps done): keep its losses; at a log point, log (and probe,
+        and save when due). True when a Ctrl-C asked to stop and the checkpoint is saved."""
         self.meter.add(step - 1, losses)
         self.step = step
         self.bar.update(1)

@@ -187,7 +187,8 @@ class UMDModel(nn.Module):
 
 
 def initialize_weights(model):
-    """The official initialisation, with DiT's where the README says ("Where we follow...")."""
+    """The official initialisation, except the patch embedding, the fused q/k/v and the condition
+    MLPs, initialised as DiT does (README "Where we follow the official code ...")."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)

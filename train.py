@@ -37,7 +37,7 @@ from sample import reconstruction_rows, save_grid
 def train(args):
     """Train until the run's last step (or a Ctrl-C); the run itself is built by setup()."""
     r = setup(resolve(args))
-    a, step = r.args, r.step
+    a, step = r.args, r.start_step
     with r.run:
         while step < r.stop_step:
             # the step's learning rate and randomness come from (seed, step) alone
@@ -72,9 +72,10 @@ def train(args):
             step += 1
 
             # log, probe and save at log points only: nowhere else does the host wait
-            if r.run.end_step(step, lr, losses):
+            stop = r.run.end_step(step, lr, losses)  # True once a Ctrl-C's checkpoint is saved
+            if stop:
                 return r.run.interrupted(step)
-    r.finish()
+        r.finish()
     return 0
 
 
@@ -178,7 +179,7 @@ def setup(args):
         ema_params=list(ema.parameters()), gen=torch.Generator(device),
         alphas_cumprod=cosine_alphas_cumprod().to(device),
         conditional=model.num_classes is not None,
-        step=step, stop_step=stop_step, total_steps=total_steps,
+        start_step=step, stop_step=stop_step, total_steps=total_steps,
         warmup_steps=round(args.warmup * total_steps), peak_lr=peak_lr, run=run, finish=finish)
 
 
@@ -205,9 +206,8 @@ def build(args, ds, device, resumed):
                          f"but the data are {ds.train_x.shape[-1]}px")
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts at the loaded weights
-    # fused: one kernel for all parameters, on CUDA and on the CPU
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                            betas=(0.9, args.beta2), fused=True)
+                            betas=(0.9, args.beta2), fused=device.type == "cuda")
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         ema.load_state_dict(resumed["ema"])
