@@ -42,7 +42,7 @@ RECIPES = dict(
     patch_size=   (2,      4,      None,   None,   "patch size in pixels (-: the checkpoint's)"),
     epochs=       (800.0,  2.5,    50.0,   0.6,    "length of the schedule in epochs"),
     batch_size=   (1024,   128,    256,    128,    "global batch size (all processes)"),
-    lr=           (1.5e-4, 1e-3,   1.5e-4, 5e-4,   "lr per 256 images: peak = lr * batch_size / 256"),
+    lr=           (1.5e-4, 1e-3,   1.5e-4, 5e-4,   "per 256 images: peak = lr * batch_size / 256"),
     warmup=       (0.05,   0.05,   0.04,   0.04,   "linear warm-up fraction, then cosine to 0"),
     beta2=        (0.95,   0.95,   0.999,  0.999,  "AdamW beta2 (beta1 0.9)"),
     weight_decay= (0.05,   0.05,   0.0,    0.0,    "weight decay (0 on biases, cls/mask tokens)"),
