@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from config import METHODS
 from corruption import CLEAN, cosine_alphas_cumprod, q_sample, random_masking, time_input
 from data import DataError, load_dataset, to_float
 from devices import autocast, pick, precision
@@ -251,8 +252,8 @@ def sample(args):
     if args.reconstruct:
         run = ckpt["config"].get("train", {})  # the run's own method: what it was trained on
         ds = load_dataset(run.get("dataset", "cifar10"), args.data_dir, model.config["img_size"])
-        settings = [run.get(key, d) for key, d in (("r_t0", 0.5), ("mask_ratio_t0", 0.75),
-                                                 ("mask_ratio", 0.375))]
+        settings = [run.get(key, METHODS["umd"][key])  # older runs: umd's
+                    for key in ("r_t0", "mask_ratio_t0", "mask_ratio")]
         grid, ncol = reconstruction_rows(model, to_float(ds.test_x[:min(args.n, 8)].to(device)),
                                          *settings, seed=args.seed)
         size = save_grid(grid, out, ncol)

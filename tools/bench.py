@@ -146,7 +146,7 @@ def bench(method, compiled, args, device):
     model = build_model(args.model, args.patch_size).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     net = torch.compile(model, dynamic=False, backend=args.backend) if compiled else model
     ac = cosine_alphas_cumprod().to(device)
     total = 1 + args.warmup + args.steps
