@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny CIFAR-10 in the official python format, written by the tests
 (never downloaded), and a helper that runs the scripts as a user would."""
+import contextlib
+import importlib
+import io
 import os
 import pickle
 import subprocess
@@ -12,7 +15,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# 2 threads, as CI has; OMP_NUM_THREADS=1 leaves the other core to a job in the background
+THREADS = int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1))
+torch.set_num_threads(THREADS)
 
 
 def write_cifar(data_dir, n_per_batch=40, seed=0):
@@ -37,6 +42,20 @@ def write_cifar(data_dir, n_per_batch=40, seed=0):
     return out
 
 
+# "tiny" with 2 encoder blocks and 1 decoder block: dynamo and inductor trace every block alike, so
+# the graphs, breaks and syncs of 2 blocks are those of 6, at a third of the tracing and training
+SHALLOW = (192, 2, 1, 3)
+
+
+@pytest.fixture(scope="module")
+def shallow():
+    """model.SIZES["tiny"] as SHALLOW for a whole test module (pytestmark usefixtures)."""
+    from model import SIZES
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(SIZES, "tiny", SHALLOW)
+        yield
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cifar")
@@ -46,9 +65,25 @@ def cifar_dir(tmp_path_factory):
 
 def run_script(*args, timeout=300):
     """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(THREADS))
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_here(script, *args):
+    """`python <script> args...` as run_script returns it, but main(argv) in this process: for the
+    one-line errors, without a second's start of Python and torch for each."""
+    module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
+    out, err, argv0 = io.StringIO(), io.StringIO(), sys.argv[0]
+    sys.argv[0] = script  # argparse names the script in its errors, as it does from a shell
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = module.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv[0] = argv0
+    return subprocess.CompletedProcess([script, *args], code or 0, out.getvalue(), err.getvalue())
 
 
 # a tiny network on the tiny CIFAR-10, for train.py in the test process

@@ -22,6 +22,7 @@ TOY = ["--model", "tiny", "--patch-size", "8", "--batch-size", "32", "--finetune
        "--finetune-epochs", "0.5", "--fid", "20", "--fid-steps", "2", "--shots", "5", "--preset", "cpu",
        "--probe-every", "0"]
 METHODS = ["umd", "mae", "dit", "maskdit"]
+pytestmark = pytest.mark.usefixtures("shallow")  # conftest.SHALLOW: a third of the training
 
 
 def run(out, cifar_dir, *extra):

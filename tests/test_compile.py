@@ -17,11 +17,14 @@ import config
 import devices
 import machinery
 import train
-from conftest import ROOT, run_script, write_cifar
+from conftest import ROOT, SHALLOW, run_script, write_cifar
 from corruption import umd_loss
 from data import Batches, Stream, derive_seed, load_dataset
 
 TINY = ["--model", "tiny", "--patch-size", "8", "--batch-size", "32", "--device", "cpu"]
+
+
+pytestmark = pytest.mark.usefixtures("shallow")  # conftest.SHALLOW: 2 blocks prove 6
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +173,9 @@ import torch
 from torch._dynamo.utils import counters
 real = torch.compile
 torch.compile = lambda model, **kw: real(model, **{{**kw, "backend": "aot_eager"}})
-import devices, train
+import devices, model, train
 devices.compile_preflight = lambda device: None  # its graph is not the step's
+model.SIZES["tiny"] = {shallow}  # as the tests' shallow fixture
 def report():
     with open(os.path.join({counts!r}, "rank" + os.environ["RANK"] + ".json"), "w") as f:
         json.dump(dict(graphs=counters["stats"]["unique_graphs"], breaks=list(counters["graph_break"])), f)
@@ -210,7 +214,7 @@ def one_process_doing_both_ranks(argv, steps):
 def test_ddp_with_compile_on_two_gloo_processes_matches_one_process(data_dir, tmp_path):
     launcher, counts = tmp_path / "launch.py", tmp_path / "counts"
     counts.mkdir()
-    launcher.write_text(LAUNCHER.format(root=str(ROOT), counts=str(counts)))
+    launcher.write_text(LAUNCHER.format(root=str(ROOT), counts=str(counts), shallow=SHALLOW))
     common = ["--data-dir", data_dir, *TINY, "--epochs", "1", "--probe-every", "0", "--seed", "3"]
     r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", launcher, *common,
                    "--max-steps", 3, "--log-every", 1, "--compile", "--out", tmp_path / "ddp")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import ROOT, StandInInception, run_script
+from conftest import ROOT, StandInInception, run_here, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import fid  # noqa: E402
@@ -217,9 +217,9 @@ def test_cli(standin, cifar_dir, tmp_path):
     assert res["fid"] == pytest.approx(value, abs=1e-4) and res["n_a"] == 30 and res["n_b"] == 40 and value > 0
     assert len(res["network_sha256"]) == 64
     # saved statistics stand in for the images they came from
-    r = run_script("tools/fid.py", tmp_path / "a_stats.npz", "cifar10-test", *common)
+    r = run_here("tools/fid.py", tmp_path / "a_stats.npz", "cifar10-test", *common)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == f"FID: {value:.4f}"
-    r = run_script("tools/fid.py", tmp_path / "a.npz", tmp_path / "a.npz", *common)
+    r = run_here("tools/fid.py", tmp_path / "a.npz", tmp_path / "a.npz", *common)
     assert float(r.stdout.split("FID: ")[1]) == pytest.approx(0, abs=1e-6)
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import machinery
-from conftest import ROOT, TINY, run_main, run_script, write_cifar
+from conftest import ROOT, TINY, run_here, run_main, run_script, write_cifar
 from devices import noise_free_share
 from machinery import claim, read_log, save_atomic
 
@@ -241,7 +241,7 @@ def test_claim_removes_temp_files_a_killed_writer_left(tmp_path):
 @pytest.mark.parametrize("flag", ["--cfg-scale", "--eta"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_sample_refuses_non_finite_numbers(flag, value, tiny_run):
-    r = run_script("sample.py", "--ckpt", tiny_run / "ckpt.pt", flag, value, "--device", "cpu")
+    r = run_here("sample.py", "--ckpt", tiny_run / "ckpt.pt", flag, value, "--device", "cpu")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"{flag} {value} is not a finite number" in r.stderr
 
@@ -254,7 +254,7 @@ def test_sample_makes_the_npz_folder_and_checks_outputs_first(tiny_run, tmp_path
     assert np.load(npz)["samples"].shape == (4, 32, 32, 3) and not list(npz.parent.glob("*.tmp"))
     (tmp_path / "file").write_text("x")
     start = time.time()
-    r = run_script("sample.py", "--ckpt", tiny_run / "ckpt.pt", "--n", 4, "--steps", 1000,
+    r = run_here("sample.py", "--ckpt", tiny_run / "ckpt.pt", "--n", 4, "--steps", 1000,
                    "--npz", tmp_path / "file" / "s.npz", "--device", "cpu")
     assert r.returncode == 2 and "sample.py: error: cannot use" in r.stderr, r.stderr
     assert time.time() - start < 30  # refused before 1000 sampling steps
@@ -300,18 +300,18 @@ def image_folder(root, per_class):
 ])
 def test_probe_checks_what_it_needs_first(args, message, tiny_run, cifar_dir, tmp_path):
     (tmp_path / "f").write_text("x")
-    r = run_script("probe.py", tiny_run / "ckpt.pt", "--data-dir", cifar_dir,
+    r = run_here("probe.py", tiny_run / "ckpt.pt", "--data-dir", cifar_dir,
                    *[a.format(tmp=tmp_path) for a in args])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
 
 
 def test_small_folders_say_what_they_lack(tiny_run, tmp_path, capsys):
     tiny = image_folder(tmp_path / "tiny", {"a": 3, "b": 3})  # no tenth image: no test split
-    r = run_script("probe.py", "--pixels", "--dataset", "folder", "--data-dir", tiny,
+    r = run_here("probe.py", "--pixels", "--dataset", "folder", "--data-dir", tiny,
                    "--img-size", 8, "--mode", "knn")
     assert r.returncode == 2 and "too few images for a test split" in r.stderr, r.stderr
     small = image_folder(tmp_path / "small", {"a": 10, "b": 10})  # 18 training images
-    r = run_script("probe.py", "--pixels", "--dataset", "folder", "--data-dir", small,
+    r = run_here("probe.py", "--pixels", "--dataset", "folder", "--data-dir", small,
                    "--img-size", 8, "--mode", "linear")
     assert r.returncode == 2 and "the linear probe" in r.stderr and "needs at least 20" in r.stderr
     assert run_main(["--dataset", "folder", "--data-dir", small, "--img-size", 16, "--model", "tiny",
@@ -337,11 +337,11 @@ def test_fid_prints_before_it_writes_and_refuses_bad_statistics(standin, tmp_pat
     r = run_script("tools/fid.py", a, b, "--inception", standin, "--json", out)
     assert r.returncode == 0 and "FID:" in r.stdout and json.loads(out.read_text())["fid"] >= 0
     (tmp_path / "file").write_text("x")
-    r = run_script("tools/fid.py", a, b, "--inception", standin, "--json", tmp_path / "file" / "f")
+    r = run_here("tools/fid.py", a, b, "--inception", standin, "--json", tmp_path / "file" / "f")
     assert r.returncode == 2 and "cannot use" in r.stderr and "FID:" not in r.stdout
     np.savez(tmp_path / "nan.npz", mu=np.full(12, np.nan), sigma=np.eye(12))
     np.savez(tmp_path / "shape.npz", mu=np.zeros(12), sigma=np.eye(5))
     (tmp_path / "cut.npz").write_bytes(a.read_bytes()[:200])
     for bad, message in [("nan.npz", "NaN"), ("shape.npz", "wrong shape"), ("cut.npz", "readable")]:
-        r = run_script("tools/fid.py", tmp_path / bad, b, "--inception", standin)
+        r = run_here("tools/fid.py", tmp_path / bad, b, "--inception", standin)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 2, r.stderr

@@ -4,9 +4,9 @@ import shutil
 import pytest
 import torch
 
+from conftest import SHALLOW
 from corruption import cosine_alphas_cumprod, random_masking, umd_loss
-from model import CheckpointError
-from model import SIZES, build_model, load_checkpoint
+from model import SIZES, CheckpointError, build_model, load_checkpoint
 
 torch.manual_seed(0)
 
@@ -89,7 +89,8 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
             load_checkpoint(tmp_path / bad)
 
 
-def test_compiled_model_matches_eager_and_saves_without_prefix(tmp_path):
+def test_compiled_model_matches_eager_and_saves_without_prefix(tmp_path, monkeypatch):
+    monkeypatch.setitem(SIZES, "tiny", SHALLOW)  # inductor lowers every block alike
     m = randomize_adaln(build_model("tiny", 8))
     if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")):
         pytest.skip("torch.compile on the CPU needs a C++ compiler")
@@ -113,11 +114,11 @@ def test_tiny_model_overfits_one_batch():
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
     ac = cosine_alphas_cumprod()
     losses = []
-    for _ in range(120):
+    for _ in range(40):  # here about 1,700x lower after 40 steps
         loss, _ = umd_loss(m, x0, r_t0=0.5, mask_ratio=0.375, mask_ratio_t0=0.75, alphas_cumprod=ac,
                            generator=torch.Generator().manual_seed(0))
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+    assert losses[-1] < losses[0] / 100, (losses[0], losses[-1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import probe
-from conftest import run_script
+from conftest import run_here, run_script
 from model import build_model
 from probe import extract_features, fewshot_indices, knn_accuracy, linear_probe, ridge_accuracy
 
@@ -151,5 +151,5 @@ def test_probe_cli_errors(args, message, cifar_dir, tmp_path):
     argv = [a.format(tmp=tmp_path) for a in args]
     if "--data-dir" not in argv:
         argv += ["--data-dir", str(cifar_dir)]
-    r = run_script("probe.py", *argv)
+    r = run_here("probe.py", *argv)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -10,7 +10,7 @@ from PIL import Image
 
 import config
 import train
-from conftest import run_script
+from conftest import run_here, run_script
 from corruption import cosine_alphas_cumprod
 from sample import ddim_sample, ddim_step, ddim_timesteps, guided, save_grid
 
@@ -153,12 +153,12 @@ def test_sample_cli_errors(args, message, tiny_run, ft_run, tmp_path):
     argv = [a.format(tmp=tmp_path, ft=ft_run) for a in args]
     if "--ckpt" not in argv:
         argv += ["--ckpt", str(tiny_run / "ckpt.pt")]
-    r = run_script("sample.py", *argv)
+    r = run_here("sample.py", *argv)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_class_label_out_of_range(ft_run):
-    r = run_script("sample.py", "--ckpt", ft_run, "--class-label", "10", "--steps", "1")
+    r = run_here("sample.py", "--ckpt", ft_run, "--class-label", "10", "--steps", "1")
     assert r.returncode == 2 and "0..9" in r.stderr
 
 
@@ -176,6 +176,6 @@ def test_sample_fid(ft_run, cifar_dir, standin, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((ft_run.parent / "fid-20-steps1.json").read_text())["cfg_scale"] is None
     # a missing network fails at once, before any sampling
-    r = run_script("sample.py", "--ckpt", ft_run, "--fid", "20", "--inception", tmp_path / "none.pt")
+    r = run_here("sample.py", "--ckpt", ft_run, "--fid", "20", "--inception", tmp_path / "none.pt")
     errors = [l for l in r.stderr.splitlines() if l.startswith("sample.py: error")]
     assert r.returncode == 2 and len(errors) == 1 and "no such Inception file" in errors[0], r.stderr

@@ -11,7 +11,7 @@ import torch
 
 import config
 import train
-from conftest import ROOT, TINY, run_main, run_script
+from conftest import ROOT, TINY, run_here, run_main, run_script
 from model import load_checkpoint
 
 def log(out):
@@ -190,7 +190,7 @@ def test_default_recipe_follows_the_device_only(tiny_run, monkeypatch):
 
 def test_first_line_says_which_recipe_runs_on_the_cpu(cifar_dir, tmp_path):
     common = ["--data-dir", cifar_dir, "--device", "cpu", "--probe-every", "0", "--max-steps", 1]
-    r = run_script("train.py", *common, "--batch-size", 32, "--out", tmp_path / "a")
+    r = run_here("train.py", *common, "--batch-size", 32, "--out", tmp_path / "a")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].startswith("on the CPU: the CPU recipe fills every flag not given")
     assert "tiny/p4" in r.stdout.splitlines()[1] and "batch 32" in r.stdout.splitlines()[1]
