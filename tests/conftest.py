@@ -56,6 +56,15 @@ def shallow():
         yield
 
 
+def shallow_env(folder):
+    """The environment for scripts started in a subprocess with a SHALLOW tiny: folder gets the
+    sitecustomize.py that Python imports at start-up, and it patches model.SIZES."""
+    (Path(folder) / "sitecustomize.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport model\n"
+        f"model.SIZES['tiny'] = {SHALLOW}\n")
+    return dict(PYTHONPATH=os.pathsep.join([str(folder), str(ROOT)]))
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cifar")
@@ -63,11 +72,18 @@ def cifar_dir(tmp_path_factory):
     return d
 
 
-def run_script(*args, timeout=300):
+def run_script(*args, timeout=300, threads=THREADS):
     """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(THREADS))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def torchrun(script, *args):
+    """`script args...` on 2 gloo processes under torchrun, the threads shared between them (two
+    processes of 2 threads on 2 cores run several times slower than of 1)."""
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      script, *args, threads=max(1, THREADS // 2))
 
 
 def run_here(script, *args):

@@ -17,7 +17,7 @@ import config
 import devices
 import machinery
 import train
-from conftest import ROOT, SHALLOW, run_script, write_cifar
+from conftest import ROOT, SHALLOW, torchrun, write_cifar
 from corruption import umd_loss
 from data import Batches, Stream, derive_seed, load_dataset
 
@@ -216,8 +216,7 @@ def test_ddp_with_compile_on_two_gloo_processes_matches_one_process(data_dir, tm
     counts.mkdir()
     launcher.write_text(LAUNCHER.format(root=str(ROOT), counts=str(counts), shallow=SHALLOW))
     common = ["--data-dir", data_dir, *TINY, "--epochs", "1", "--probe-every", "0", "--seed", "3"]
-    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", launcher, *common,
-                   "--max-steps", 3, "--log-every", 1, "--compile", "--out", tmp_path / "ddp")
+    r = torchrun(launcher, *common, "--max-steps", 3, "--log-every", 1, "--compile", "--out", tmp_path / "ddp")
     assert r.returncode == 0, r.stderr[-2000:]
     config_ = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert config_["world_size"] == 2 and config_["compile"] is True

@@ -11,7 +11,7 @@ import torch
 
 import config
 import train
-from conftest import ROOT, TINY, run_here, run_main, run_script
+from conftest import ROOT, TINY, run_here, run_main, torchrun
 from model import load_checkpoint
 
 def log(out):
@@ -225,8 +225,7 @@ def test_two_process_gloo_run_under_torchrun_and_its_grad_accum_twin(cifar_dir, 
     flags = [str(tiny_run / "ckpt.pt") if f == "{tiny_run}" else f for f in flags]
     tiny = TINY if flags[0] != "--finetune" else TINY[4:]  # a fine-tune keeps the checkpoint's network
     common = ["--data-dir", cifar_dir, *tiny, *flags, "--max-steps", 3]
-    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *common,
-                   "--out", out)
+    r = torchrun("train.py", *common, "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert [rec["step"] for rec in log(out)] == [1, 2, 3]  # one log, written by rank 0 only
