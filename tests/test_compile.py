@@ -77,7 +77,8 @@ def flags(case, pretrained):
     return [*tiny, *method], expected
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# bf16's graphs: counted in the resume test below
+@pytest.mark.parametrize("case", [c for c in CASES if c != "umd-bf16"])
 def test_the_step_compiles_once_into_the_expected_graphs(case, data_dir, pretrained, tmp_path, aot_eager, monkeypatch):
     argv, expected = flags(case, pretrained)
     per_step, real_end_step = [], machinery.Run.end_step
@@ -87,13 +88,15 @@ def test_the_step_compiles_once_into_the_expected_graphs(case, data_dir, pretrai
         return real_end_step(self, step, lr, losses)
 
     monkeypatch.setattr(machinery.Run, "end_step", end_step)
-    # 46 steps per epoch: probes at steps 0, 3 and 6, log points every 2 steps, the lr warming up
+    # 46 steps per epoch: log points every 2 steps, the lr warming up; in umd and its fine-tune,
+    # probes at steps 0, 3 and 6 (a probe's eval and no_grad are the same for every method)
+    probes = [0, 3, 6] if case in ("umd", "finetune") else []
     argv += ["--data-dir", data_dir, "--compile", "--epochs", "1", "--max-steps", "6", "--log-every", "2",
-             "--probe-every", "0.065", "--out", tmp_path / "run"]
+             "--probe-every", 0.065 if probes else 0, "--out", tmp_path / "run"]
     assert train.train(config.get_args(list(map(str, argv)))) == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "probe" in r] == [0, 3, 6]
-    assert [r["step"] for r in log if "loss" in r] == [2, 3, 4, 6]
+    assert [r["step"] for r in log if "probe" in r] == probes
+    assert [r["step"] for r in log if "loss" in r] == ([2, 3, 4, 6] if probes else [2, 4, 6])
     assert len({r["lr"] for r in log if "lr" in r}) >= 3  # the learning rate warms up, then decays
     assert per_step == [(expected, 0)] * 6  # all graphs at the first step, no graph break, no recompile
 
@@ -237,6 +240,7 @@ def test_resume_with_compile_and_bf16_on_the_cpu_is_exact(data_dir, tmp_path, ao
               "--compile", "--amp", "bf16"]
     run = lambda *argv: train.train(config.get_args(list(map(str, [*common, *argv]))))
     assert run("--max-steps", 6, "--out", tmp_path / "a") == 0
+    assert graphs_and_breaks() == (2, 0)  # bf16 autocast compiles into umd's two graphs, once
     assert run("--max-steps", 3, "--out", tmp_path / "b") == 0
     assert train.train(config.get_args(list(map(str, [
         "--data-dir", data_dir, "--resume", "--out", tmp_path / "b", "--max-steps", 6])))) == 0
