@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny CIFAR-10 in the official python format, written by the tests
-(never downloaded), and a helper that runs the scripts as a user would."""
+(never downloaded); helpers that run the scripts as a user would (run_script, torchrun) or their
+main() in this process (run_here, run_main); a shallower "tiny" where depth changes nothing."""
 import contextlib
 import importlib
 import io
@@ -72,18 +73,18 @@ def cifar_dir(tmp_path_factory):
     return d
 
 
-def run_script(*args, timeout=300, threads=THREADS):
+def run_script(*args, timeout=300, threads=THREADS, env=None):
     """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
-def torchrun(script, *args):
+def torchrun(script, *args, env=None):
     """`script args...` on 2 gloo processes under torchrun, the threads shared between them (two
     processes of 2 threads on 2 cores run several times slower than of 1)."""
     return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                      script, *args, threads=max(1, THREADS // 2))
+                      script, *args, threads=max(1, THREADS // 2), env=env)
 
 
 def run_here(script, *args):

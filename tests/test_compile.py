@@ -17,7 +17,7 @@ import config
 import devices
 import machinery
 import train
-from conftest import ROOT, SHALLOW, torchrun, write_cifar
+from conftest import ROOT, shallow_env, torchrun, write_cifar
 from corruption import umd_loss
 from data import Batches, Stream, derive_seed, load_dataset
 
@@ -176,9 +176,8 @@ import torch
 from torch._dynamo.utils import counters
 real = torch.compile
 torch.compile = lambda model, **kw: real(model, **{{**kw, "backend": "aot_eager"}})
-import devices, model, train
+import devices, train
 devices.compile_preflight = lambda device: None  # its graph is not the step's
-model.SIZES["tiny"] = {shallow}  # as the tests' shallow fixture
 def report():
     with open(os.path.join({counts!r}, "rank" + os.environ["RANK"] + ".json"), "w") as f:
         json.dump(dict(graphs=counters["stats"]["unique_graphs"], breaks=list(counters["graph_break"])), f)
@@ -217,9 +216,10 @@ def one_process_doing_both_ranks(argv, steps):
 def test_ddp_with_compile_on_two_gloo_processes_matches_one_process(data_dir, tmp_path):
     launcher, counts = tmp_path / "launch.py", tmp_path / "counts"
     counts.mkdir()
-    launcher.write_text(LAUNCHER.format(root=str(ROOT), counts=str(counts), shallow=SHALLOW))
+    launcher.write_text(LAUNCHER.format(root=str(ROOT), counts=str(counts)))
     common = ["--data-dir", data_dir, *TINY, "--epochs", "1", "--probe-every", "0", "--seed", "3"]
-    r = torchrun(launcher, *common, "--max-steps", 3, "--log-every", 1, "--compile", "--out", tmp_path / "ddp")
+    r = torchrun(launcher, *common, "--max-steps", 3, "--log-every", 1, "--compile", "--out", tmp_path / "ddp",
+                 env=shallow_env(tmp_path))  # the 2 blocks that this process has
     assert r.returncode == 0, r.stderr[-2000:]
     config_ = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert config_["world_size"] == 2 and config_["compile"] is True
