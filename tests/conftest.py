@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny CIFAR-10 in the official python format, written by the tests
 (never downloaded); helpers that run the scripts as a user would (run_script, torchrun) or their
-main() in this process (run_here, run_main); a shallower "tiny" where depth changes nothing."""
+main() in this process (run_here); a shallower "tiny" where depth changes nothing."""
 import contextlib
 import importlib
 import io
@@ -89,7 +89,8 @@ def torchrun(script, *args, env=None):
 
 def run_here(script, *args):
     """`python <script> args...` as run_script returns it, but main(argv) in this process: for the
-    one-line errors, without a second's start of Python and torch for each."""
+    one-line errors and short trainings, without a second's start of Python and torch for each,
+    and with what the test patched (a failing loss, a full disk) in effect."""
     module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
     out, err, argv0 = io.StringIO(), io.StringIO(), sys.argv[0]
     sys.argv[0] = script  # argparse names the script in its errors, as it does from a shell
@@ -103,17 +104,16 @@ def run_here(script, *args):
     return subprocess.CompletedProcess([script, *args], code or 0, out.getvalue(), err.getvalue())
 
 
-# a tiny network on the tiny CIFAR-10, for train.py in the test process
+def train_here(*args, want=0):
+    """run_here("train.py", *args) that asserts its exit status (0: the run finished)."""
+    r = run_here("train.py", *args)
+    assert r.returncode == want, r.stderr[-3000:]
+    return r
+
+
+# a tiny network on the tiny CIFAR-10, for train.py in the test process (run_here)
 TINY = ["--model", "tiny", "--patch-size", "8", "--batch-size", "32", "--epochs", "2",
         "--probe-every", "0", "--device", "cpu", "--log-every", "1"]
-
-
-def run_main(argv):
-    """train.main in this process; returns its exit status."""
-    import train
-    with pytest.raises(SystemExit) as e:
-        train.main([str(a) for a in argv])
-    return e.value.code
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 import machinery
-from conftest import ROOT, TINY, run_here, run_main, run_script, write_cifar
+from conftest import ROOT, TINY, run_here, run_script, train_here, write_cifar
 from devices import noise_free_share
 from machinery import claim, read_log, save_atomic
 
-def one_error_line(capsys, prog):
-    err = [l.split("\r")[-1] for l in capsys.readouterr().err.splitlines() if f"{prog}:" in l]
+def one_error_line(r, prog):
+    err = [l.split("\r")[-1] for l in r.stderr.splitlines() if f"{prog}:" in l]
     assert len(err) == 1 and err[0].startswith(f"{prog}: error:"), err  # progress bars aside
     return err[0]
 
@@ -38,11 +38,11 @@ def test_precision_follows_the_cpu_and_the_flags(monkeypatch, native, amp, compi
     assert devices.precision(torch.device("cpu"), amp, compile_) == want
 
 
-def test_train_says_what_precision_it_chose_and_why(cifar_dir, tmp_path, monkeypatch, capsys):
-    from conftest import TINY, run_main
+def test_train_says_what_precision_it_chose_and_why(cifar_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert run_main(["--data-dir", cifar_dir, *TINY, "--no-compile", "--max-steps", 1, "--out", tmp_path / "r"]) == 0
-    assert "amp bf16, compile False (a CPU with native bf16; --compile given)" in capsys.readouterr().out
+    r = train_here("--data-dir", cifar_dir, *TINY, "--no-compile", "--max-steps", 1,
+                   "--out", tmp_path / "r")
+    assert "amp bf16, compile False (a CPU with native bf16; --compile given)" in r.stdout
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["amp"] == "bf16" and saved["compile"] is False
 
@@ -108,46 +108,46 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, mon
 
 
 def test_a_run_stopped_by_a_full_disk_says_so_and_resumes_once_there_is_room(
-        cifar_dir, tmp_path, monkeypatch, capsys):
+        cifar_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     full_disk(monkeypatch, after=1)  # the first checkpoint is written, the second one is not
     argv = ["--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0, "--out", out]
-    assert run_main([*argv, "--max-steps", 6]) == 2
-    line = one_error_line(capsys, "train.py")
+    r = train_here(*argv, "--max-steps", 6, want=2)
+    line = one_error_line(r, "train.py")
     assert "No space left on device" in line and "--resume" in line
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     assert not list(out.glob("*.tmp"))
     monkeypatch.undo()
-    assert run_main(["--resume", "--out", out, "--max-steps", 6]) == 0
+    train_here("--resume", "--out", out, "--max-steps", 6)
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [2, 4, 6]
 
 
 def test_a_real_full_disk_is_one_line_and_the_run_resumes_after_it(
-        small_disk, cifar_dir, capsys):
+        small_disk, cifar_dir):
     out = small_disk / "run"  # one checkpoint of this network is 91 MB: the second cannot fit
     argv = ["--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0, "--out", out]
-    assert run_main([*argv, "--max-steps", 4]) == 2
-    assert "No space left on device" in one_error_line(capsys, "train.py")
+    r = train_here(*argv, "--max-steps", 4, want=2)
+    assert "No space left on device" in one_error_line(r, "train.py")
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     assert not list(out.glob("*.tmp"))
     subprocess.run(["mount", "-o", "remount,size=300m", str(small_disk)], check=True)
-    assert run_main(["--resume", "--out", out, "--max-steps", 4]) == 0
+    train_here("--resume", "--out", out, "--max-steps", 4)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
 
 
 @pytest.mark.parametrize("where", ["a file", "under a file"])
-def test_an_impossible_out_is_one_line_before_any_work(where, cifar_dir, tmp_path, capsys):
+def test_an_impossible_out_is_one_line_before_any_work(where, cifar_dir, tmp_path):
     (tmp_path / "f").write_text("x")
     out = tmp_path / "f" if where == "a file" else tmp_path / "f" / "run"
-    assert run_main(["--data-dir", cifar_dir, *TINY, "--out", out]) == 2
-    assert str(tmp_path / "f") in one_error_line(capsys, "train.py")
+    r = train_here("--data-dir", cifar_dir, *TINY, "--out", out, want=2)
+    assert str(tmp_path / "f") in one_error_line(r, "train.py")
 
 
-def test_one_run_per_folder_and_a_crashed_run_does_not_hold_it(cifar_dir, tmp_path, capsys):
+def test_one_run_per_folder_and_a_crashed_run_does_not_hold_it(cifar_dir, tmp_path):
     out = tmp_path / "run"
     held = claim(out)
-    assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 1, "--out", out]) == 2
-    assert "in use by another run" in one_error_line(capsys, "train.py")
+    r = train_here("--data-dir", cifar_dir, *TINY, "--max-steps", 1, "--out", out, want=2)
+    assert "in use by another run" in one_error_line(r, "train.py")
     assert not (out / "ckpt.pt").exists() and not (out / "config.json").exists()
     held.close()
     # a process that holds the folder and dies by kill -9 leaves no stale lock
@@ -164,42 +164,41 @@ def test_one_run_per_folder_and_a_crashed_run_does_not_hold_it(cifar_dir, tmp_pa
 
 def test_a_damaged_log_line_is_skipped_on_resume(cifar_dir, tmp_path):
     out = tmp_path / "run"
-    assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 2, "--out", out]) == 0
+    train_here("--data-dir", cifar_dir, *TINY, "--max-steps", 2, "--out", out)
     with open(out / "log.jsonl", "ab") as f:
         f.write(b'\xff\xfe binary\n[1, 2]\n"text"\n')
-    assert run_main(["--resume", "--out", out, "--max-steps", 3]) == 0
+    train_here("--resume", "--out", out, "--max-steps", 3)
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 2, 3]
 
 
-def test_resume_refuses_other_data_before_changing_anything(cifar_dir, tmp_path, capsys):
+def test_resume_refuses_other_data_before_changing_anything(cifar_dir, tmp_path):
     out, other = tmp_path / "run", tmp_path / "other"
-    assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 2, "--out", out]) == 0
+    train_here("--data-dir", cifar_dir, *TINY, "--max-steps", 2, "--out", out)
     write_cifar(other, n_per_batch=48)  # the same classes, more images: the batches would differ
     before = (out / "config.json").read_text(), (out / "log.jsonl").read_text()
-    capsys.readouterr()
-    assert run_main(["--resume", "--out", out, "--data-dir", other]) == 2
-    assert "train_images 200 then, 240 now" in one_error_line(capsys, "train.py")
+    r = train_here("--resume", "--out", out, "--data-dir", other, want=2)
+    assert "train_images 200 then, 240 now" in one_error_line(r, "train.py")
     assert ((out / "config.json").read_text(), (out / "log.jsonl").read_text()) == before
 
 
 def test_finetune_refuses_a_finetuned_checkpoint_and_a_config_without_a_size(
-        tiny_run, tmp_path, capsys):
+        tiny_run, tmp_path):
     ckpt = torch.load(tiny_run / "ckpt.pt", weights_only=True)
     ckpt["config"]["model"]["num_classes"] = 10
     torch.save(ckpt, tmp_path / "ft.pt")
-    assert run_main(["--finetune", tmp_path / "ft.pt", "--out", tmp_path / "x"]) == 2
-    assert "already fine-tuned" in one_error_line(capsys, "train.py")
+    r = train_here("--finetune", tmp_path / "ft.pt", "--out", tmp_path / "x", want=2)
+    assert "already fine-tuned" in one_error_line(r, "train.py")
     del ckpt["config"]["model"]["size"]
     torch.save(ckpt, tmp_path / "nosize.pt")
-    assert run_main(["--finetune", tmp_path / "nosize.pt", "--out", tmp_path / "y"]) == 2
-    assert "not a umd checkpoint" in one_error_line(capsys, "train.py")
+    r = train_here("--finetune", tmp_path / "nosize.pt", "--out", tmp_path / "y", want=2)
+    assert "not a umd checkpoint" in one_error_line(r, "train.py")
 
 
-def test_a_huge_learning_rate_says_no_checkpoint_was_written(cifar_dir, tmp_path, capsys):
+def test_a_huge_learning_rate_says_no_checkpoint_was_written(cifar_dir, tmp_path):
     out = tmp_path / "run"
-    assert run_main(["--data-dir", cifar_dir, *TINY, "--lr", "1e30", "--max-steps", 4,
-                     "--out", out]) == 2
-    line = one_error_line(capsys, "train.py")
+    r = train_here("--data-dir", cifar_dir, *TINY, "--lr", "1e30", "--max-steps", 4,
+                   "--out", out, want=2)
+    line = one_error_line(r, "train.py")
     assert "non-finite" in line and "no checkpoint was written" in line
 
 
@@ -255,7 +254,7 @@ def test_sample_makes_the_npz_folder_and_checks_outputs_first(tiny_run, tmp_path
     (tmp_path / "file").write_text("x")
     start = time.time()
     r = run_here("sample.py", "--ckpt", tiny_run / "ckpt.pt", "--n", 4, "--steps", 1000,
-                   "--npz", tmp_path / "file" / "s.npz", "--device", "cpu")
+                 "--npz", tmp_path / "file" / "s.npz", "--device", "cpu")
     assert r.returncode == 2 and "sample.py: error: cannot use" in r.stderr, r.stderr
     assert time.time() - start < 30  # refused before 1000 sampling steps
 
@@ -301,23 +300,23 @@ def image_folder(root, per_class):
 def test_probe_checks_what_it_needs_first(args, message, tiny_run, cifar_dir, tmp_path):
     (tmp_path / "f").write_text("x")
     r = run_here("probe.py", tiny_run / "ckpt.pt", "--data-dir", cifar_dir,
-                   *[a.format(tmp=tmp_path) for a in args])
+                 *[a.format(tmp=tmp_path) for a in args])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
 
 
-def test_small_folders_say_what_they_lack(tiny_run, tmp_path, capsys):
+def test_small_folders_say_what_they_lack(tiny_run, tmp_path):
     tiny = image_folder(tmp_path / "tiny", {"a": 3, "b": 3})  # no tenth image: no test split
     r = run_here("probe.py", "--pixels", "--dataset", "folder", "--data-dir", tiny,
-                   "--img-size", 8, "--mode", "knn")
+                 "--img-size", 8, "--mode", "knn")
     assert r.returncode == 2 and "too few images for a test split" in r.stderr, r.stderr
     small = image_folder(tmp_path / "small", {"a": 10, "b": 10})  # 18 training images
     r = run_here("probe.py", "--pixels", "--dataset", "folder", "--data-dir", small,
-                   "--img-size", 8, "--mode", "linear")
+                 "--img-size", 8, "--mode", "linear")
     assert r.returncode == 2 and "the linear probe" in r.stderr and "needs at least 20" in r.stderr
-    assert run_main(["--dataset", "folder", "--data-dir", small, "--img-size", 16, "--model", "tiny",
-                     "--patch-size", 8, "--batch-size", 8, "--probe-every", 1,
-                     "--out", tmp_path / "run"]) == 2
-    assert "--probe-every 0" in one_error_line(capsys, "train.py")
+    r = train_here("--dataset", "folder", "--data-dir", small, "--img-size", 16,
+                   "--model", "tiny", "--patch-size", 8, "--batch-size", 8, "--probe-every", 1,
+                   "--out", tmp_path / "run", want=2)
+    assert "--probe-every 0" in one_error_line(r, "train.py")
 
 
 def test_a_decompression_bomb_is_one_line(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import torch
 
 import config
 import train
-from conftest import ROOT, TINY, run_here, run_main, torchrun
+from conftest import ROOT, TINY, run_here, train_here, torchrun
 from model import load_checkpoint
 
 def log(out):
@@ -38,12 +38,12 @@ def test_cli_smoke_writes_run_files(tiny_run):
 
 def test_resume_is_exact(cifar_dir, tmp_path):
     a, moved, b = tmp_path / "a", tmp_path / "first", tmp_path / "b"
-    assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 7, "--out", a]) == 0
-    assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 3, "--out", moved]) == 0
+    train_here("--data-dir", cifar_dir, *TINY, "--max-steps", 7, "--out", a)
+    train_here("--data-dir", cifar_dir, *TINY, "--max-steps", 3, "--out", moved)
     moved.rename(b)  # a run resumes where --out says, even after it was moved
     with open(b / "log.jsonl", "a") as f:
         f.write('{"step": 4, "lo')  # a line half-written by a crash is dropped
-    assert run_main(["--data-dir", cifar_dir, "--resume", "--out", b, "--max-steps", 7]) == 0
+    train_here("--data-dir", cifar_dir, "--resume", "--out", b, "--max-steps", 7)
     assert not moved.exists()
     la, lb = log(a), log(b)
     assert [r["step"] for r in lb] == list(range(1, 8))
@@ -71,7 +71,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(cifar_dir, tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path, monkeypatch, capsys):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = train.umd_loss
 
@@ -82,9 +82,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path
 
     monkeypatch.setattr(train, "umd_loss", poisoned)
     out = tmp_path / "nan"
-    code = run_main(["--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0, "--out", out])
-    errors = [l for l in capsys.readouterr().err.splitlines() if "train.py:" in l]
-    assert code == 2 and len(errors) == 1 and "non-finite at step 5" in errors[0]
+    r = train_here("--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0,
+                   "--out", out, want=2)
+    errors = [l for l in r.stderr.splitlines() if "train.py:" in l]
+    assert len(errors) == 1 and "non-finite at step 5" in errors[0]
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -105,27 +106,26 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path
     (["--mask-ratio", "0.99", "--out", "{tmp}/x"], "--mask-ratio 0.99 keeps 0 of 64 patches"),
     (["--probe-every", "-1", "--out", "{tmp}/x"], "--probe-every and --ckpt-minutes"),
 ])
-def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch, capsys):
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, monkeypatch):
     monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
-    code = run_main([a.format(tmp=tmp_path) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    r = train_here(*[a.format(tmp=tmp_path) for a in argv], want=2)
+    err = r.stderr.strip()
+    assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_resume_takes_unset_flags_from_the_saved_run(cifar_dir, tmp_path, capsys):
+def test_resume_takes_unset_flags_from_the_saved_run(cifar_dir, tmp_path):
     out = tmp_path / "run"
-    assert run_main(["--data-dir", cifar_dir, *TINY, "--max-steps", 2, "--out", out]) == 0
+    train_here("--data-dir", cifar_dir, *TINY, "--max-steps", 2, "--out", out)
     # no --data-dir: the run's own (cifar_dir), not ./data; no --max-steps: to the end of the schedule
     args = config.resolve(config.get_args(["--resume", "--out", str(out), "--max-steps", "3"]))
     assert args.data_dir == str(cifar_dir) and args.max_steps == 3 and args.lr == 1e-3 and args.model == "tiny"
     assert config.resolve(config.get_args(["--resume", "--out", str(out)])).max_steps is None
-    capsys.readouterr()
-    assert run_main(["--resume", "--out", out, "--lr", "0.1"]) == 2  # a setting cannot change mid-run
-    err = capsys.readouterr().err.strip()
+    r = train_here("--resume", "--out", out, "--lr", "0.1", want=2)  # a setting can't change mid-run
+    err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and "--lr cannot change on --resume" in err
 
 
-def test_second_ctrl_c_aborts_in_one_line_and_keeps_the_checkpoint(cifar_dir, tmp_path, monkeypatch, capsys):
+def test_second_ctrl_c_aborts_in_one_line_and_keeps_the_checkpoint(cifar_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = train.umd_loss
 
@@ -137,17 +137,18 @@ def test_second_ctrl_c_aborts_in_one_line_and_keeps_the_checkpoint(cifar_dir, tm
 
     monkeypatch.setattr(train, "umd_loss", interrupted)
     out = tmp_path / "abort"
-    assert run_main(["--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0, "--out", out]) == 130
-    err = [l for l in capsys.readouterr().err.splitlines() if "train.py" in l]
+    r = train_here("--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0,
+                   "--out", out, want=130)
+    err = [l for l in r.stderr.splitlines() if "train.py" in l]
     assert len(err) == 1 and "aborted at step 4" in err[0] and "(step 4) is kept" in err[0], err
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
 
 
-def test_unknown_method_and_existing_run(tiny_run, capsys):
-    assert run_main(["--method", "vae"]) == 2
-    assert "invalid choice" in capsys.readouterr().err
-    assert run_main(["--out", tiny_run]) == 2
-    assert "--resume" in capsys.readouterr().err
+def test_unknown_method_and_existing_run(tiny_run):
+    r = train_here("--method", "vae", want=2)
+    assert "invalid choice" in r.stderr
+    r = train_here("--out", tiny_run, want=2)
+    assert "--resume" in r.stderr
 
 
 def resolve(*argv):
@@ -190,8 +191,7 @@ def test_default_recipe_follows_the_device_only(tiny_run, monkeypatch):
 
 def test_first_line_says_which_recipe_runs_on_the_cpu(cifar_dir, tmp_path):
     common = ["--data-dir", cifar_dir, "--device", "cpu", "--probe-every", "0", "--max-steps", 1]
-    r = run_here("train.py", *common, "--batch-size", 32, "--out", tmp_path / "a")
-    assert r.returncode == 0, r.stderr
+    r = train_here(*common, "--batch-size", 32, "--out", tmp_path / "a")
     assert r.stdout.splitlines()[0].startswith("on the CPU: the CPU recipe fills every flag not given")
     assert "tiny/p4" in r.stdout.splitlines()[1] and "batch 32" in r.stdout.splitlines()[1]
 
@@ -233,7 +233,7 @@ def test_two_process_gloo_run_under_torchrun_and_its_grad_accum_twin(cifar_dir, 
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     if flags[1:] == [] or flags[-1] != str(tiny_run / "ckpt.pt"):
         # one process, --grad-accum 2: micro-batch i is rank i, so the same losses and weights
-        assert run_main([*common, "--grad-accum", 2, "--out", tmp_path / "accum"]) == 0
+        train_here(*common, "--grad-accum", 2, "--out", tmp_path / "accum")
         assert json.loads((tmp_path / "accum" / "config.json").read_text())["grad_accum"] == 2
         for a, b in zip(log(out), log(tmp_path / "accum"), strict=True):
             for k in ("loss", "loss_t0", "loss_t"):
@@ -243,12 +243,12 @@ def test_two_process_gloo_run_under_torchrun_and_its_grad_accum_twin(cifar_dir, 
             assert torch.allclose(one["model"][k], v, rtol=1e-4, atol=1e-6), k
 
 
-def test_grad_accum_resumes_exactly_and_takes_over_after_out_of_memory(cifar_dir, tmp_path, monkeypatch, capsys):
+def test_grad_accum_resumes_exactly_and_takes_over_after_out_of_memory(cifar_dir, tmp_path, monkeypatch):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     accum = ["--grad-accum", 2]
-    assert run_main(["--data-dir", cifar_dir, *TINY, *accum, "--max-steps", 6, "--out", a]) == 0
-    assert run_main(["--data-dir", cifar_dir, *TINY, *accum, "--max-steps", 3, "--out", b]) == 0
-    assert run_main(["--data-dir", cifar_dir, "--resume", "--out", b, "--max-steps", 6]) == 0
+    train_here("--data-dir", cifar_dir, *TINY, *accum, "--max-steps", 6, "--out", a)
+    train_here("--data-dir", cifar_dir, *TINY, *accum, "--max-steps", 3, "--out", b)
+    train_here("--data-dir", cifar_dir, "--resume", "--out", b, "--max-steps", 6)
     assert [r["loss"] for r in log(a)] == [r["loss"] for r in log(b)]  # exact, with the saved N
     assert json.loads((b / "config.json").read_text())["grad_accum"] == 2
     # out of memory at step 5 (4 saved): one line that says how to go on, then it goes on
@@ -261,15 +261,15 @@ def test_grad_accum_resumes_exactly_and_takes_over_after_out_of_memory(cifar_dir
         return real(*args, **kw)
 
     monkeypatch.setattr(train, "umd_loss", out_of_memory)
-    capsys.readouterr()
-    code = run_main(["--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0, "--out", c])
-    errors = [l for l in capsys.readouterr().err.splitlines() if "train.py:" in l]
-    assert code == 2 and len(errors) == 1, errors
+    r = train_here("--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0,
+                   "--out", c, want=2)
+    errors = [l for l in r.stderr.splitlines() if "train.py:" in l]
+    assert len(errors) == 1, errors
     assert "out of memory on the CPU with micro-batches of 32 images" in errors[0]
     assert f"--resume --out {c} --grad-accum 2" in errors[0] and "(step 4) is kept" in errors[0]
     assert torch.load(c / "ckpt.pt", weights_only=True)["step"] == 4
     monkeypatch.setattr(train, "umd_loss", real)
-    assert run_main(["--data-dir", cifar_dir, "--resume", "--out", c, *accum, "--max-steps", 6]) == 0
+    train_here("--data-dir", cifar_dir, "--resume", "--out", c, *accum, "--max-steps", 6)
     assert [r["step"] for r in log(c)] == [2, 4, 6]
     assert json.loads((c / "config.json").read_text())["grad_accum"] == 2
 
@@ -319,8 +319,8 @@ def test_ddp_with_grad_accum_averages_gradients_once_per_step(tmp_path):
     (["--grad-accum", "0"], "--grad-accum must be at least 1"),
     (["--r-t0", "0.05", "--grad-accum", "2"], "the batch of 32 (1 noise-free) does not split"),
 ])
-def test_micro_batches_that_cannot_be_equal_are_one_line(cifar_dir, tmp_path, flags, message, capsys):
-    assert run_main(["--data-dir", cifar_dir, *TINY, *flags, "--out", tmp_path / "x"]) == 2
-    err = capsys.readouterr().err
+def test_micro_batches_that_cannot_be_equal_are_one_line(cifar_dir, tmp_path, flags, message):
+    r = train_here("--data-dir", cifar_dir, *TINY, *flags, "--out", tmp_path / "x", want=2)
+    err = r.stderr
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x" / "ckpt.pt").exists()
