@@ -104,6 +104,13 @@ def run_here(script, *args):
     return subprocess.CompletedProcess([script, *args], code or 0, out.getvalue(), err.getvalue())
 
 
+def one_error_line(r, prog):
+    """The one line of a CompletedProcess's stderr that names prog: "<prog>: error: ..."."""
+    err = [l.split("\r")[-1] for l in r.stderr.splitlines() if f"{prog}:" in l]
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error:"), err  # progress bars aside
+    return err[0]
+
+
 def train_here(*args, want=0):
     """run_here("train.py", *args) that asserts its exit status (0: the run finished)."""
     r = run_here("train.py", *args)

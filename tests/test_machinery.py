@@ -15,15 +15,9 @@ import torch
 from PIL import Image
 
 import machinery
-from conftest import ROOT, TINY, run_here, run_script, train_here, write_cifar
+from conftest import ROOT, TINY, one_error_line, run_here, run_script, train_here, write_cifar
 from devices import noise_free_share
 from machinery import claim, read_log, save_atomic
-
-def one_error_line(r, prog):
-    err = [l.split("\r")[-1] for l in r.stderr.splitlines() if f"{prog}:" in l]
-    assert len(err) == 1 and err[0].startswith(f"{prog}: error:"), err  # progress bars aside
-    return err[0]
-
 
 @pytest.mark.parametrize("native,amp,compile_,want", [
     (True, None, None, ("bf16", True, "a CPU with native bf16")),

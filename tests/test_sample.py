@@ -10,7 +10,7 @@ from PIL import Image
 
 import config
 import train
-from conftest import run_here, run_script
+from conftest import one_error_line, run_here, run_script
 from corruption import cosine_alphas_cumprod
 from sample import ddim_sample, ddim_step, ddim_timesteps, guided, save_grid
 
@@ -177,5 +177,4 @@ def test_sample_fid(ft_run, cifar_dir, standin, tmp_path):
     assert json.loads((ft_run.parent / "fid-20-steps1.json").read_text())["cfg_scale"] is None
     # a missing network fails at once, before any sampling
     r = run_here("sample.py", "--ckpt", ft_run, "--fid", "20", "--inception", tmp_path / "none.pt")
-    errors = [l for l in r.stderr.splitlines() if l.startswith("sample.py: error")]
-    assert r.returncode == 2 and len(errors) == 1 and "no such Inception file" in errors[0], r.stderr
+    assert r.returncode == 2 and "no such Inception file" in one_error_line(r, "sample.py")

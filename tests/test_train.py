@@ -11,7 +11,7 @@ import torch
 
 import config
 import train
-from conftest import ROOT, TINY, run_here, train_here, torchrun
+from conftest import ROOT, TINY, one_error_line, train_here, torchrun
 from model import load_checkpoint
 
 def log(out):
@@ -84,8 +84,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path
     out = tmp_path / "nan"
     r = train_here("--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0,
                    "--out", out, want=2)
-    errors = [l for l in r.stderr.splitlines() if "train.py:" in l]
-    assert len(errors) == 1 and "non-finite at step 5" in errors[0]
+    assert "non-finite at step 5" in one_error_line(r, "train.py")
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -263,10 +262,9 @@ def test_grad_accum_resumes_exactly_and_takes_over_after_out_of_memory(cifar_dir
     monkeypatch.setattr(train, "umd_loss", out_of_memory)
     r = train_here("--data-dir", cifar_dir, *TINY, "--log-every", 2, "--ckpt-minutes", 0,
                    "--out", c, want=2)
-    errors = [l for l in r.stderr.splitlines() if "train.py:" in l]
-    assert len(errors) == 1, errors
-    assert "out of memory on the CPU with micro-batches of 32 images" in errors[0]
-    assert f"--resume --out {c} --grad-accum 2" in errors[0] and "(step 4) is kept" in errors[0]
+    line = one_error_line(r, "train.py")
+    assert "out of memory on the CPU with micro-batches of 32 images" in line
+    assert f"--resume --out {c} --grad-accum 2" in line and "(step 4) is kept" in line
     assert torch.load(c / "ckpt.pt", weights_only=True)["step"] == 4
     monkeypatch.setattr(train, "umd_loss", real)
     train_here("--data-dir", cifar_dir, "--resume", "--out", c, *accum, "--max-steps", 6)
