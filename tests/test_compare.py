@@ -109,6 +109,7 @@ def test_an_interrupted_training_resumes(cifar_dir, tmp_path):
     (["--seeds", "0,x"], "--seeds 0,x: give whole numbers"),
     (["--seeds", "0,1,0"], "give distinct seeds"),
     (["--seed", "1", "--seeds", "0,1"], "the first the --seed"),
+    (["--stages", "pretrain,bogus"], "--stages pretrain,bogus: choose from"),
 ])
 def test_bad_input_is_one_line_and_exit_2(extra, message, cifar_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("data.CIFAR_URL", "http://127.0.0.1:9/cifar.tar.gz")
@@ -247,7 +248,6 @@ def test_the_pretrainings_probe_often_enough_for_a_curve(tmp_path, monkeypatch):
     compare.check(compare.get_args(["--out", str(tmp_path), "--probe-every", "0.5"]))  # no error
 
 
-# ----------------------------------------------------------------------------- several seeds
 def counting(calls):
     """Each stage function wrapped to note (seed, method, stage) when it is called."""
     def wrap(name, real):
@@ -259,6 +259,20 @@ def counting(calls):
             for n in ("pretrain", "probe", "finetune", "samples", "fid")}
 
 
+def test_stages_run_the_representations_first_and_the_rest_later(cifar_dir, tmp_path, monkeypatch):
+    calls = []
+    for name, stage in counting(calls).items():
+        monkeypatch.setattr(compare, name, stage)
+    assert run(tmp_path, cifar_dir, "--methods", "dit", "--fid", "0", "--stages", "pretrain,probe") == 0
+    assert calls == [(0, "dit", "pretrain"), (0, "dit", "probe"), (0, "dit", "probe")]  # t=50 too
+    assert not (tmp_path / "dit" / "finetune").exists()
+    assert "| dit |" in (tmp_path / "table.md").read_text()  # the summary of what there is
+    del calls[:]
+    assert run(tmp_path, cifar_dir, "--methods", "dit", "--fid", "0") == 0
+    assert calls == [(0, "dit", "finetune"), (0, "dit", "samples")]
+
+
+# ----------------------------------------------------------------------------- several seeds
 @pytest.fixture(scope="module")
 def two_seeds(finished, cifar_dir, standin, tmp_path_factory):
     """The finished single-seed comparison, copied without its checkpoints (only stages still to do

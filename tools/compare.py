@@ -89,7 +89,8 @@ PRESETS = dict(
              device="cuda"),
 )
 # may differ between runs of one comparison
-RUNTIME = ("methods", "data_dir", "device", "out", "compile", "seeds", "probe_every")
+RUNTIME = ("methods", "data_dir", "device", "out", "compile", "seeds", "probe_every", "stages")
+STAGES = ("pretrain", "probe", "finetune", "samples", "fid")  # probe includes probe-t50
 # What gpu_estimate() assumes, each an assumption until a GPU run measures it: one H100/H200 at 989
 # dense bf16 TFLOP/s; compiled training at 30% of it, eager bf16 sampling at 20%; a minute to
 # compile each graph from an empty cache (umd and mae fine-tunes have 2, one per group); Inception
@@ -164,6 +165,10 @@ def get_args(argv=None):
                    help="comma-separated seeds, each a whole comparison, e.g. 0,1,2: the table "
                    "gives mean +- s.d. over them; the first is the folder's own, the others go "
                    "to OUT/seed-K (default: --seed)")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated stages to run now, e.g. pretrain,probe for the "
+                   "representations of every method and seed first; the same command without "
+                   "it does the rest later (default: all)")
     p.add_argument("--shots", type=int, default=100,
                    help="few-shot ridge probe: training images per class (default 100)")
     p.add_argument("--probe-images", type=int,
@@ -200,6 +205,7 @@ def get_args(argv=None):
     args.preset = preset
     args.device = PRESETS[preset]["device"] if args.device == "auto" else args.device
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     args.out = args.out or f"runs/compare-{args.model}-p{args.patch_size}"
     return args
 
@@ -230,6 +236,9 @@ def check(args):
     if unknown or not args.methods:
         raise CompareError(f"unknown method {', '.join(unknown) or '(none)'}; "
                            f"choose from {', '.join(config.METHODS)}")
+    if not args.stages or not set(args.stages) <= set(STAGES):
+        raise CompareError(f"--stages {','.join(args.stages) or '(none)'}: choose from "
+                           f"{','.join(STAGES)}")
     # Checked before the folder is claimed: a typo must not lock a folder to its settings.
     if (args.fid < 0 or args.fid % len(CIFAR_CLASSES) or not 1 <= args.fid_steps <= 1000
             or args.epochs <= 0 or args.finetune_epochs <= 0):
@@ -468,7 +477,7 @@ def main(argv=None):
         if args.preset == "gpu" and args.device == "cuda":
             print(f"the gpu preset: {estimate_line(vars(args))}")
         todo = [(a, *stage) for a in (for_seed(args, k) for k in args.seeds)
-                for stage in stages(a)]
+                for stage in stages(a) if stage[1].split("-")[0] in args.stages]
         for i, (a, m, name, result, run) in enumerate(todo):
             d = Path(a.out) / m
             d.mkdir(parents=True, exist_ok=True)
