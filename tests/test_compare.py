@@ -62,6 +62,9 @@ def test_every_stage_and_the_summary(finished):
         assert ("probe-t50" in r) == (m in ("dit", "maskdit"))  # their official read-out
         assert r["samples"]["n"] == 20 and r["fid"]["n"] == 20 and r["fid"]["fid"] > 0
     assert results["settings"]["epochs"] == 2.0 and results["machine"]["cores"] >= 1
+    c = json.loads((out / "umd" / "pretrain" / "config.json").read_text())  # how it trained: said
+    how = ("bf16 autocast" if c["amp"] == "bf16" else "float32") + (", compiled" if c["compile"] else ", eager")
+    assert results["methods"]["umd"]["pretrain"]["precision"] == how and how in (out / "table.md").read_text()
     flops = {m: r["gflop_per_image"] for m, r in results["methods"].items()}
     assert flops["mae"] < flops["umd"] < flops["dit"]  # the encoder sees fewer tokens
     rows = [l for l in (out / "table.md").read_text().splitlines() if l.startswith("| ") and "method" not in l]

@@ -418,6 +418,11 @@ def collect(out, methods, args):
         r = {name: json.loads((d / f"{name}.json").read_text())
              for name in ("pretrain", "probe", "probe-t50", "finetune", "samples", "fid")
              if (d / f"{name}.json").exists()}
+        cfg = d / "pretrain" / "config.json"
+        if "pretrain" in r and cfg.exists():  # how it trained, for the table's footnote
+            c = json.loads(cfg.read_text())
+            amp = f"{c['amp']} autocast" if c.get("amp") in ("bf16", "fp16") else "float32"
+            r["pretrain"]["precision"] = amp + (", compiled" if c.get("compile") else ", eager")
         flops, tokens = step_flops(args.model, args.patch_size, **config.METHODS[m])
         r["gflop_per_image"], r["encoder_tokens_per_image"] = flops / 1e9, tokens
         results[m] = r
@@ -457,8 +462,9 @@ def learning_curves(args, seeds, methods, per_seed):
     if not runs:
         return None
     flops = {m: 1e9 * per_seed[0][m]["gflop_per_image"] for m in runs}  # training, per image
+    epochs = f"{args.epochs:g} epoch" + "s" * (args.epochs != 1)
     note = (f"{args.model}/p{args.patch_size}, batch {args.batch_size}, lr {args.lr:g} per 256, "
-            f"{args.epochs:g} epochs of pre-training; seeds {', '.join(map(str, seeds))}; "
+            f"{epochs} of pre-training; seeds {', '.join(map(str, seeds))}; "
             f"from each pre-training's log.jsonl in {args.out}")
     return figure(runs, args.batch_size, flops, note)
 

@@ -11,6 +11,12 @@ def where(m):
     return f"{m['gpu'] or m['cpu']} ({m['cores']} cores), torch {m['torch']}"
 
 
+def trained_where(pretrain, machine):
+    """Where and how a pre-training ran, in words (machine: where its record names none)."""
+    text = where(pretrain.get("machine", machine))
+    return f"{text}, {pretrain['precision']}" if "precision" in pretrain else text
+
+
 def numbers(r):
     """One method's numbers in one seed, by name: the probes (%, clean and at t=50), FID, img/s."""
     n = {}
@@ -96,7 +102,7 @@ def head(args):
 
 def footnote(results, per_seed, seeds):
     s = results["settings"]
-    trained_on = sorted({where(r["pretrain"].get("machine", results["machine"]))
+    trained_on = sorted({trained_where(r["pretrain"], results["machine"])
                          for ms in per_seed for r in ms.values() if "pretrain" in r})
     epochs = f"{s['epochs']:g} epoch" + "s" * (s["epochs"] != 1)
     return (f"{s['model']}/p{s['patch_size']}, batch {s['batch_size']}, "
