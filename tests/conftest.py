@@ -1,13 +1,16 @@
 """Shared fixtures: a tiny CIFAR-10 in the official python format, written by the tests
 (never downloaded); helpers that run the scripts as a user would (run_script, torchrun) or their
 main() in this process (run_here); a shallower "tiny" where depth changes nothing."""
+import atexit
 import contextlib
 import importlib
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The suite sees a CPU without native bf16, so it trains in eager float32 everywhere: on a CPU with
+# it, the default would compile every training (a minute each), for hours. bf16 and compile are
+# tested where a test asks for them by flag (test_compile) or patches these back (test_machinery).
+NO_NATIVE_BF16 = ("import torch\ntorch.cpu._is_avx512_bf16_supported = lambda: False\n"
+                  "torch.cpu._is_amx_tile_supported = lambda: False\n")
+exec(NO_NATIVE_BF16)  # here, and in each script a test starts (sitecustomize)
+SITE = Path(tempfile.mkdtemp(prefix="umd-tests-site-"))  # scripts in subprocesses import it
+(SITE / "sitecustomize.py").write_text(NO_NATIVE_BF16)
+atexit.register(shutil.rmtree, SITE, ignore_errors=True)
+os.environ["PYTHONPATH"] = os.pathsep.join([str(SITE), str(ROOT)])
 # 2 threads, as CI has; OMP_NUM_THREADS=1 leaves the other core to a job in the background
 THREADS = int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1))
 torch.set_num_threads(THREADS)
@@ -61,7 +74,7 @@ def shallow_env(folder):
     """The environment for scripts started in a subprocess with a SHALLOW tiny: folder gets the
     sitecustomize.py that Python imports at start-up, and it patches model.SIZES."""
     (Path(folder) / "sitecustomize.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport model\n"
+        NO_NATIVE_BF16 + f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport model\n"
         f"model.SIZES['tiny'] = {SHALLOW}\n")
     return dict(PYTHONPATH=os.pathsep.join([str(folder), str(ROOT)]))
 
@@ -75,7 +88,7 @@ def cifar_dir(tmp_path_factory):
 
 def run_script(*args, timeout=300, threads=THREADS, env=None):
     """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), **(env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}  # PYTHONPATH: SITE, ROOT
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

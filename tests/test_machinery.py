@@ -257,7 +257,7 @@ def interrupt(cmd, ready):
     """Start a script, wait until its stderr shows `ready`, send Ctrl-C; (exit code, stderr)."""
     p = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stderr=subprocess.PIPE,
                          stdout=subprocess.DEVNULL, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     seen = ""
     while ready not in seen:
         seen += p.stderr.read(1)
