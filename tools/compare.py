@@ -37,11 +37,10 @@ results.json holds the same; compare.png shows the first seed's samples.
 
 The in-training probe of curves.png: the pre-trainings run train.py's probe every --probe-every
 epochs (cpu preset 0.2: steps 0, 78, 156, 234, 312 and 390; gpu 1.0: 9 points). A probe is two
-feature passes (raw and EMA weights) over 1000 training and 2000 test images. At tiny/4 on 2 cores
-a pass ran at about 5x umd's training img/s (measured side by side on a busy machine, where one
-took 53-71 s): about 6 s at README's 103 img/s, so the cpu preset's 24 probes add some 5 minutes
-to its 2.4 hours (an estimate). --probe-every may change between runs of a comparison (it changes
-no number of the table); a resumed training keeps its own.
+feature passes (raw and EMA weights) over 1000 training and 2000 test images: 13-18 s each at
+tiny/4 on 2 cores with native bf16 (measured in the 3-seed run, RESULTS.md), so the cpu preset's 24
+probes add about 6 minutes. --probe-every may change between runs of a comparison (it changes no
+number of the table); a resumed training keeps its own.
 
 References: the official comparison (ImageNet 64x64, B/4): github.com/philippe-eecs/small-vision,
 README; UMD: arXiv 2406.17688.
@@ -146,7 +145,7 @@ def get_args(argv=None):
     p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto",
                    help="default auto: the --out folder's own, else gpu with CUDA, else cpu. "
                    "cpu takes 2.4 hours of 2 cores (measured without its in-training probes, "
-                   "which add some 5 minutes); "
+                   "which add about 6 minutes); "
                    f"gpu {estimate_line(PRESETS['gpu'])}. "
                    + "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items())
                                for k, d in PRESETS.items()))
