@@ -70,7 +70,7 @@ from sample import class_labels, generate, to_uint8  # noqa: E402
 from tools.bench import forward_flops, step_flops  # noqa: E402
 from tools.curves import PICTURE_PER_CLASS, figure, picture  # noqa: E402
 from tools.fid import FIDError, Inception, fid_of_images, stats_of  # noqa: E402
-from tools.tables import aggregate, seeds_table, table, tradeoff  # noqa: E402
+from tools.tables import aggregate, epochs_text, seeds_table, table, tradeoff  # noqa: E402
 
 # The presets (README "The comparison"): cpu takes 2.4 hours of 2 cores (measured, without the
 # in-training probes: see above); gpu, on one H100/H200, is estimated by gpu_estimate() below (not
@@ -366,7 +366,8 @@ def stage_fid(m, d, args, ds):
 
 
 def stages(args):
-    """(method, name, result file, function) in the order they run."""
+    """(method, name, result file, function) of the --stages asked for, in the order they run
+    (probe-t50 goes with probe)."""
     out = []
     for m in args.methods:
         out.append((m, "pretrain", "pretrain.json", stage_pretrain))
@@ -378,7 +379,7 @@ def stages(args):
         out.append((m, "samples", "samples.json", stage_samples))
         if args.fid > 0:
             out.append((m, "fid", "fid.json", stage_fid))
-    return out
+    return [s for s in out if s[1].split("-")[0] in args.stages]
 
 
 def seed_dir(args, k):
@@ -461,9 +462,8 @@ def learning_curves(args, seeds, methods, per_seed):
     if not runs:
         return None
     flops = {m: 1e9 * per_seed[0][m]["gflop_per_image"] for m in runs}  # training, per image
-    epochs = f"{args.epochs:g} epoch" + "s" * (args.epochs != 1)
     note = (f"{args.model}/p{args.patch_size}, batch {args.batch_size}, lr {args.lr:g} per 256, "
-            f"{epochs} of pre-training; seeds {', '.join(map(str, seeds))}; "
+            f"{epochs_text(args.epochs)} of pre-training; seeds {', '.join(map(str, seeds))}; "
             f"from each pre-training's log.jsonl in {args.out}")
     return figure(runs, args.batch_size, flops, note)
 
@@ -482,7 +482,7 @@ def main(argv=None):
         if args.preset == "gpu" and args.device == "cuda":
             print(f"the gpu preset: {estimate_line(vars(args))}")
         todo = [(a, *stage) for a in (for_seed(args, k) for k in args.seeds)
-                for stage in stages(a) if stage[1].split("-")[0] in args.stages]
+                for stage in stages(a)]
         for i, (a, m, name, result, run) in enumerate(todo):
             d = Path(a.out) / m
             d.mkdir(parents=True, exist_ok=True)

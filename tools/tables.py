@@ -11,6 +11,11 @@ def where(m):
     return f"{m['gpu'] or m['cpu']} ({m['cores']} cores), torch {m['torch']}"
 
 
+def epochs_text(epochs):
+    """'1 epoch', '2.5 epochs'."""
+    return f"{epochs:g} epoch" + "s" * (epochs != 1)
+
+
 def trained_where(pretrain, machine):
     """Where and how a pre-training ran, in words (machine: where its record names none)."""
     text = where(pretrain.get("machine", machine))
@@ -104,9 +109,8 @@ def footnote(results, per_seed, seeds):
     s = results["settings"]
     trained_on = sorted({trained_where(r["pretrain"], results["machine"])
                          for ms in per_seed for r in ms.values() if "pretrain" in r})
-    epochs = f"{s['epochs']:g} epoch" + "s" * (s["epochs"] != 1)
     return (f"{s['model']}/p{s['patch_size']}, batch {s['batch_size']}, "
-            f"lr {s['lr']:g} per 256, {epochs} of pre-training, "
+            f"lr {s['lr']:g} per 256, {epochs_text(s['epochs'])} of pre-training, "
             f"{s['finetune_epochs']:g} of fine-tuning (batch {s['finetune_batch_size']}), "
             f"{seeds}; probes of the EMA weights trained on {s['probe_images']} images, "
             f"scored on CIFAR-10 test; pre-trained on {'; '.join(trained_on) or '-'}.")
