@@ -262,11 +262,22 @@ def counting(calls):
             for n in ("pretrain", "probe", "finetune", "samples", "fid")}
 
 
-def test_stages_run_the_representations_first_and_the_rest_later(cifar_dir, tmp_path, monkeypatch):
+def summary_line_names(out, text):
+    """The files that the summary line says it wrote: exactly those in the folder."""
+    line = next(l for l in text.splitlines() if l.startswith(f"{out}: results.json"))
+    said = sorted(line.split(": ", 1)[1].split(", "))
+    assert said == sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".md", ".png")
+                          and p.name != "settings.json")
+    return said
+
+
+def test_stages_run_the_representations_first_and_the_rest_later(cifar_dir, tmp_path, monkeypatch,
+                                                                   capsys):
     calls = []
     for name, stage in counting(calls).items():
         monkeypatch.setattr(compare, name, stage)
     assert run(tmp_path, cifar_dir, "--methods", "dit", "--fid", "0", "--stages", "pretrain,probe") == 0
+    assert "compare.png" not in summary_line_names(tmp_path, capsys.readouterr().out)  # no samples
     assert calls == [(0, "dit", "pretrain"), (0, "dit", "probe"), (0, "dit", "probe")]  # t=50 too
     assert not (tmp_path / "dit" / "finetune").exists()
     assert "| dit |" in (tmp_path / "table.md").read_text()  # the summary of what there is

@@ -448,9 +448,10 @@ def summarize(args):
     save_atomic(text, out / "table.md")
     pictures = {"compare.png": picture(out, methods, tradeoff(per_seed)),
                 "curves.png": learning_curves(args, seeds, methods, per_seed)}
-    for name, img in pictures.items():
-        if img is not None:
-            save_atomic(lambda f: img.save(f, format="PNG"), out / name)
+    drawn = [name for name, img in pictures.items() if img is not None]
+    for name in drawn:
+        save_atomic(lambda f: pictures[name].save(f, format="PNG"), out / name)
+    print(f"{out}: " + ", ".join(["results.json", "table.md", *drawn]))
     return per_seed
 
 
@@ -511,7 +512,6 @@ def main(argv=None):
               f"{args.out if args else 'the run folder'}: run the same command again to go on",
               file=sys.stderr)
         return 130
-    print(f"{args.out}: results.json, table.md, compare.png, curves.png")
     waiting = [m for m in per_seed[0] if any(args.fid and "samples" in r[m] and "fid" not in r[m]
                                              for r in per_seed)]
     if waiting:
